@@ -1,0 +1,1 @@
+"""krasis: serve large Mixture-of-Experts models with GPU prefill and a CPU decode pool."""

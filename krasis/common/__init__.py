@@ -1,0 +1,1 @@
+"""Shared by every process: config, models, layers, weights, tokenizer, sampling."""

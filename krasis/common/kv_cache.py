@@ -1,0 +1,83 @@
+"""Paged KV storage and the per-step view of which tokens go where (`ForwardBatch`)."""
+
+from dataclasses import dataclass
+
+import torch
+
+
+class KVCacheFull(RuntimeError):
+    """No free KV pages for a sequence that needs more."""
+
+
+class PageAllocator:
+    """Free list of KV page ids."""
+
+    def __init__(self, num_pages: int):
+        self.num_pages = num_pages
+        self._free = list(range(num_pages - 1, -1, -1))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, count: int) -> list[int]:
+        if count > len(self._free):
+            raise KVCacheFull(f"need {count} KV pages, {len(self._free)} free of {self.num_pages}")
+        return [self._free.pop() for _ in range(count)]
+
+    def free(self, pages: list[int]) -> None:
+        self._free.extend(reversed(pages))
+
+
+class KVCache:
+    """One [num_pages * page_size, width] tensor per layer; a token's slot is page * page_size + offset.
+
+    Each attention layer decides its width and what it stores (GQA: K and V heads; MLA: the latent and k_pe).
+    """
+
+    def __init__(self, layer_widths: list[int], num_pages: int, page_size: int, dtype, device):
+        self.page_size, self.num_pages = page_size, num_pages
+        self.layers = [torch.zeros(num_pages * page_size, w, dtype=dtype, device=device) for w in layer_widths]
+        self.allocator = PageAllocator(num_pages)
+
+    def pages_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.page_size)
+
+    def slots(self, page_table: list[int], start: int, end: int, device=None) -> torch.Tensor:
+        """Slots of token positions [start, end) of a sequence with this page table."""
+        positions = torch.arange(start, end, device=device)
+        pages = torch.tensor(page_table, dtype=torch.long, device=device)[positions // self.page_size]
+        return pages * self.page_size + positions % self.page_size
+
+    def write(self, layer: int, slots: torch.Tensor, values: torch.Tensor) -> None:
+        self.layers[layer].index_copy_(0, slots, values.to(self.layers[layer].dtype))
+
+    def read(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
+        return self.layers[layer].index_select(0, slots)
+
+
+@dataclass
+class SequenceSlice:
+    """One sequence's share of a forward step: its new tokens and everything it attends to."""
+
+    query_start: int  # offset of its first new token in the flat token batch
+    query_len: int
+    context_slots: torch.Tensor  # [context_len] KV slots of all its tokens, old and new
+
+    @property
+    def context_len(self) -> int:
+        return self.context_slots.numel()
+
+
+@dataclass
+class ForwardBatch:
+    """The flat token batch of one step: positions, where new KV goes, and per-sequence slices."""
+
+    positions: torch.Tensor  # [T]
+    write_slots: torch.Tensor  # [T]
+    seqs: list[SequenceSlice]
+    kv: KVCache
+
+    @property
+    def last_token_indices(self) -> torch.Tensor:
+        return torch.tensor([s.query_start + s.query_len - 1 for s in self.seqs], device=self.positions.device)

@@ -1,0 +1,61 @@
+"""Grouped-query attention with optional per-head q/k RMSNorm (Qwen3) over paged KV."""
+
+import torch
+from torch import nn
+
+from krasis.common.kv_cache import ForwardBatch
+from krasis.common.layers.attention import attend, per_sequence, sequence_mask
+from krasis.common.layers.norm import RMSNorm
+from krasis.common.layers.rotary import RotaryEmbedding, apply_rotary_half
+
+
+class GQAttention(nn.Module):
+    def __init__(
+        self,
+        layer_idx: int,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        rotary: RotaryEmbedding,
+        bias: bool = False,
+        qk_norm_eps: float | None = None,
+        sliding_window: int | None = None,
+    ):
+        super().__init__()
+        self.layer_idx, self.rotary, self.sliding_window = layer_idx, rotary, sliding_window
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=bias)
+        if qk_norm_eps is not None:
+            self.q_norm = RMSNorm(head_dim, qk_norm_eps)
+            self.k_norm = RMSNorm(head_dim, qk_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    @property
+    def kv_width(self) -> int:
+        return 2 * self.num_kv_heads * self.head_dim
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        # x: [T, H]
+        tokens = x.shape[0]
+        q = self.q_proj(x).view(tokens, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = self.rotary.cos_sin(batch.positions)
+        q, k = apply_rotary_half(q, cos, sin), apply_rotary_half(k, cos, sin)
+        batch.kv.write(self.layer_idx, batch.write_slots, torch.cat((k, v), dim=-1).view(tokens, -1))
+
+        out = torch.empty_like(q)
+        for rows, seq in per_sequence(batch):
+            kv = batch.kv.read(self.layer_idx, seq.context_slots).to(q.dtype)
+            kv = kv.view(-1, self.num_kv_heads, 2 * self.head_dim)
+            ctx_k, ctx_v = kv[..., : self.head_dim], kv[..., self.head_dim :]
+            mask = sequence_mask(seq, self.sliding_window, x.device)
+            out[rows] = attend(q[rows], ctx_k, ctx_v, self.head_dim**-0.5, mask)
+        return self.o_proj(out.view(tokens, -1))

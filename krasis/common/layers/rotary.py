@@ -1,0 +1,81 @@
+"""Rotary position embeddings: default, linear and YaRN frequencies; half-split and interleaved rotation."""
+
+import math
+
+import torch
+
+from krasis.common.model_config import RopeConfig
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    if scale <= 1:
+        return 1.0
+    return 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn_inv_freq(rope: RopeConfig, dim: int, max_position_embeddings: int) -> tuple[torch.Tensor, float]:
+    base, original_max = rope.theta, rope.original_max_position_embeddings
+    factor = rope.factor if rope.factor is not None else max_position_embeddings / original_max
+    attention_factor = rope.attention_factor
+    if attention_factor is None:
+        if rope.mscale and rope.mscale_all_dim:
+            attention_factor = yarn_mscale(factor, rope.mscale) / yarn_mscale(factor, rope.mscale_all_dim)
+        else:
+            attention_factor = yarn_mscale(factor)
+    beta_fast, beta_slow = rope.beta_fast or 32, rope.beta_slow or 1
+
+    def correction_dim(num_rotations: float) -> float:
+        return (dim * math.log(original_max / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # the ramp would divide by zero
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low), 0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim)
+    extrapolation_weight = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * ramp + (1.0 / pos_freqs) * extrapolation_weight
+    return inv_freq, float(attention_factor)
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int, max_position_embeddings: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [dim/2] and the cos/sin scale, as transformers' ROPE_INIT_FUNCTIONS compute them."""
+    dim = int(head_dim * rope.partial_rotary_factor)
+    if rope.rope_type == "yarn":
+        return _yarn_inv_freq(rope, dim, max_position_embeddings)
+    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim))
+    if rope.rope_type == "linear":
+        inv_freq = inv_freq / rope.factor
+    return inv_freq, 1.0
+
+
+class RotaryEmbedding:
+    """cos/sin tables for given positions; computed in fp32 like the reference."""
+
+    def __init__(self, rope: RopeConfig, head_dim: int, max_position_embeddings: int):
+        self.inv_freq, self.attention_scaling = rope_inv_freq(rope, head_dim, max_position_embeddings)
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions: [T] -> cos, sin: [T, dim/2] in fp32
+        freqs = positions[:, None].float() * self.inv_freq.to(positions.device)[None, :]
+        return freqs.cos() * self.attention_scaling, freqs.sin() * self.attention_scaling
+
+
+def apply_rotary_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (i, i + d/2) (Llama/Qwen convention). x: [T, heads, d]; cos, sin: [T, d/2]."""
+    cos = torch.cat((cos, cos), dim=-1)[:, None, :].to(x.dtype)
+    sin = torch.cat((sin, sin), dim=-1)[:, None, :].to(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def apply_rotary_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (2i, 2i + 1) (DeepSeek convention), in fp32. x: [T, heads, d]; cos, sin: [T, d/2]."""
+    pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+    even, odd = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    out = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+    return out.flatten(-2).to(x.dtype)

@@ -1,0 +1,159 @@
+"""DeepSeek-V2 and V2-Lite: MLA attention, shared + routed experts with greedy or group-limited routing."""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from krasis.common.kv_cache import ForwardBatch
+from krasis.common.layers.mla import MLAttention
+from krasis.common.layers.mlp import GatedMLP
+from krasis.common.layers.moe import StackedExperts, group_limited_topk
+from krasis.common.layers.norm import RMSNorm
+from krasis.common.layers.rotary import RotaryEmbedding, yarn_mscale
+from krasis.common.model_config import ConfigError, RopeConfig, require
+from krasis.common.models.base import CausalLM
+
+TOPK_METHODS = ("greedy", "group_limited_greedy")
+
+
+@dataclass(frozen=True)
+class DeepseekV2Config:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    kv_lora_rank: int
+    q_lora_rank: int | None
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    moe_intermediate_size: int
+    n_routed_experts: int
+    n_shared_experts: int | None
+    num_experts_per_tok: int
+    rope: RopeConfig
+    max_position_embeddings: int = 2048
+    first_k_dense_replace: int = 0
+    moe_layer_freq: int = 1
+    topk_method: str = "greedy"
+    n_group: int | None = None
+    topk_group: int | None = None
+    routed_scaling_factor: float = 1.0
+    norm_topk_prob: bool = False
+    rms_norm_eps: float = 1e-6
+    hidden_act: str = "silu"
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+
+    @classmethod
+    def from_hf(cls, raw: dict) -> "DeepseekV2Config":
+        topk_method = raw.get("topk_method") or "greedy"
+        if topk_method not in TOPK_METHODS:
+            raise ConfigError(f"unsupported topk_method {topk_method!r}; supported: {', '.join(TOPK_METHODS)}")
+        if raw.get("scoring_func", "softmax") != "softmax":
+            raise ConfigError(f"unsupported scoring_func {raw['scoring_func']!r} for deepseek_v2; supported: softmax")
+        return cls(
+            vocab_size=require(raw, "vocab_size"),
+            hidden_size=require(raw, "hidden_size"),
+            intermediate_size=require(raw, "intermediate_size"),
+            num_hidden_layers=require(raw, "num_hidden_layers"),
+            num_attention_heads=require(raw, "num_attention_heads"),
+            kv_lora_rank=require(raw, "kv_lora_rank"),
+            q_lora_rank=raw.get("q_lora_rank"),
+            qk_nope_head_dim=require(raw, "qk_nope_head_dim"),
+            qk_rope_head_dim=require(raw, "qk_rope_head_dim"),
+            v_head_dim=require(raw, "v_head_dim"),
+            moe_intermediate_size=require(raw, "moe_intermediate_size"),
+            n_routed_experts=require(raw, "n_routed_experts", "num_experts"),
+            n_shared_experts=raw.get("n_shared_experts"),
+            num_experts_per_tok=require(raw, "num_experts_per_tok"),
+            rope=RopeConfig.from_hf(raw),
+            max_position_embeddings=raw.get("max_position_embeddings", 2048),
+            first_k_dense_replace=raw.get("first_k_dense_replace", 0),
+            moe_layer_freq=raw.get("moe_layer_freq", 1),
+            topk_method=topk_method,
+            n_group=raw.get("n_group"),
+            topk_group=raw.get("topk_group"),
+            routed_scaling_factor=raw.get("routed_scaling_factor", 1.0),
+            norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
+            rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+            hidden_act=raw.get("hidden_act", "silu"),
+            attention_bias=bool(raw.get("attention_bias", False)),
+            mlp_bias=bool(raw.get("mlp_bias", False)),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        )
+
+    def is_sparse_layer(self, layer_idx: int) -> bool:
+        return layer_idx >= self.first_k_dense_replace and layer_idx % self.moe_layer_freq == 0
+
+    @property
+    def softmax_scale(self) -> float:
+        scale = (self.qk_nope_head_dim + self.qk_rope_head_dim) ** -0.5
+        if self.rope.rope_type != "default" and self.rope.mscale_all_dim:
+            scale *= yarn_mscale(self.rope.factor, self.rope.mscale_all_dim) ** 2
+        return scale
+
+
+class DeepseekV2MoE(nn.Module):
+    def __init__(self, cfg: DeepseekV2Config):
+        super().__init__()
+        self.cfg = cfg
+        self.gate = nn.Linear(cfg.hidden_size, cfg.n_routed_experts, bias=False)
+        self.experts = StackedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.hidden_act)
+        self.shared_experts = None
+        if cfg.n_shared_experts:
+            shared_size = cfg.moe_intermediate_size * cfg.n_shared_experts
+            self.shared_experts = GatedMLP(cfg.hidden_size, shared_size, cfg.hidden_act, cfg.mlp_bias)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router in fp32 (the reference keeps gate.weight fp32) -> weights, ids [T, K]."""
+        cfg = self.cfg
+        scores = torch.softmax(x.float() @ self.gate.weight.float().t(), dim=-1)
+        if cfg.topk_method == "greedy":
+            weights, ids = torch.topk(scores, k=cfg.num_experts_per_tok, dim=-1, sorted=False)
+        else:
+            weights, ids = group_limited_topk(scores, cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group)
+        if cfg.num_experts_per_tok > 1 and cfg.norm_topk_prob:
+            # transformers 5 ignores this flag (every published V2 config has it off); we follow DeepSeek's code.
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * cfg.routed_scaling_factor, ids
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [T, H]
+        weights, ids = self.route(x)
+        out = self.experts(x, ids, weights)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out
+
+
+class DeepseekV2DecoderLayer(nn.Module):
+    def __init__(self, cfg: DeepseekV2Config, layer_idx: int, rotary: RotaryEmbedding):
+        super().__init__()
+        self.self_attn = MLAttention(layer_idx, cfg, rotary, cfg.softmax_scale)
+        if cfg.is_sparse_layer(layer_idx):
+            self.mlp = DeepseekV2MoE(cfg)
+        else:
+            self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, cfg.mlp_bias)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), batch)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DeepseekV2ForCausalLM(CausalLM):
+    config_class = DeepseekV2Config
+
+    def build_layers(self, cfg: DeepseekV2Config) -> nn.ModuleList:
+        rotary = RotaryEmbedding(cfg.rope, cfg.qk_rope_head_dim, cfg.max_position_embeddings)
+        return nn.ModuleList(DeepseekV2DecoderLayer(cfg, i, rotary) for i in range(cfg.num_hidden_layers))
+
+    @property
+    def fp32_parameters(self) -> tuple[str, ...]:
+        """Kept in fp32 whatever the model dtype, as the reference keeps them."""
+        return ("mlp.gate.weight",)

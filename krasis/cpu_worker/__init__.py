@@ -1,0 +1,1 @@
+"""CPU decode worker pool (planned: issue 4)."""

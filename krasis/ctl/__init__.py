@@ -1,0 +1,1 @@
+"""krasis-ctl: the command-line interface."""

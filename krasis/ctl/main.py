@@ -1,0 +1,14 @@
+"""krasis-ctl: the command-line entry point; each command lives in its own module."""
+
+import click
+
+from krasis.ctl.generate import generate
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="krasis")
+def cli():
+    """krasis: serve large Mixture-of-Experts models (GPU prefill, CPU decode)."""
+
+
+cli.add_command(generate)

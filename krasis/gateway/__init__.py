@@ -1,0 +1,1 @@
+"""HTTP gateway: OpenAI API, scheduling client (planned: issue 4)."""

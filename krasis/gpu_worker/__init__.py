@@ -1,0 +1,1 @@
+"""GPU prefill worker (planned: issues 4 and 5)."""

@@ -1,0 +1,44 @@
+"""Drive our model directly over a KV cache: teacher-forced logits for whole or piecewise sequences."""
+
+import torch
+
+from krasis.common.kv_cache import ForwardBatch, KVCache, SequenceSlice
+
+
+class SingleSequence:
+    """One sequence's KV pages, fed token chunks in order."""
+
+    def __init__(self, model, max_tokens: int, page_size: int = 16):
+        dtype = next(model.parameters()).dtype
+        pages = -(-max_tokens // page_size)
+        self.model, self.kv = model, KVCache(model.kv_widths, pages, page_size, dtype, "cpu")
+        self.page_table = self.kv.allocator.allocate(pages)
+        self.num_cached = 0
+
+    @torch.inference_mode()
+    def feed(self, token_ids: list[int]) -> torch.Tensor:
+        """Logits [len(token_ids), V] for each fed token's next-token distribution."""
+        begin, end = self.num_cached, self.num_cached + len(token_ids)
+        batch = ForwardBatch(
+            positions=torch.arange(begin, end),
+            write_slots=self.kv.slots(self.page_table, begin, end),
+            seqs=[SequenceSlice(0, len(token_ids), self.kv.slots(self.page_table, 0, end))],
+            kv=self.kv,
+        )
+        hidden = self.model(torch.tensor(token_ids), batch)
+        self.num_cached = end
+        return self.model.compute_logits(hidden)
+
+
+def teacher_forced_logits(model, token_ids: list[int]) -> torch.Tensor:
+    return SingleSequence(model, len(token_ids)).feed(token_ids)
+
+
+def reference_logits(reference, token_ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return reference(torch.tensor([token_ids])).logits[0].float()
+
+
+def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """Max abs error relative to the logits' scale (their max abs value)."""
+    return float((ours - ref).abs().max() / ref.abs().max())

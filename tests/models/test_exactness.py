@@ -1,0 +1,29 @@
+"""Our models compute what transformers computes, in fp32, for every config variant."""
+
+import torch
+from transformers import AutoModelForCausalLM  # noqa: F401  (the reference; fails loudly if missing)
+
+from tests.models.harness import SingleSequence, reference_logits, relative_error, teacher_forced_logits
+
+TOLERANCE = 1e-4  # max abs error over the logits' max abs value
+
+
+def prompt(length: int, vocab_size: int, seed: int = 0) -> list[int]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (length,), generator=gen).tolist()
+
+
+def test_teacher_forced_logits_match_transformers(ours, reference, variant):
+    # 80 tokens: longer than YaRN's original context (32), the sliding window (12) and several KV pages
+    tokens = prompt(80, ours.config.vocab_size)
+    err = relative_error(teacher_forced_logits(ours, tokens), reference_logits(reference, tokens))
+    assert err <= TOLERANCE, f"{variant}: relative logit error {err:.2e}"
+
+
+def test_decode_with_kv_cache_equals_recompute(ours, variant):
+    tokens = prompt(40, ours.config.vocab_size, seed=1)
+    full = teacher_forced_logits(ours, tokens)
+    seq = SingleSequence(ours, len(tokens))
+    pieces = [seq.feed(tokens[:17])] + [seq.feed([t]) for t in tokens[17:30]] + [seq.feed(tokens[30:])]
+    err = relative_error(torch.cat(pieces), full)
+    assert err <= TOLERANCE, f"{variant}: cached decode differs from recompute by {err:.2e}"
