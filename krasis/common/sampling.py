@@ -220,17 +220,23 @@ def apply_penalties(logits: torch.Tensor, seqs: list[SequenceSampler]) -> torch.
 def apply_warpers(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Temperature, top-k, top-p, min-p, as transformers' warpers. logits: [S, V] fp32.
 
-    Filtered tokens become -inf. Rows must not be greedy.
+    Filtered tokens become -inf. Rows must not be greedy. Each filter looks only at the
+    rows that use it: a full-vocab sort or top-k on the others would be wasted.
     """
-    device = logits.device
-    x = logits / _column([p.temperature for p in params], device)
-    if any(p.top_k > 0 for p in params):
-        x = _mask_below(x, _top_k_threshold(x, [p.top_k for p in params]))
-    if any(p.top_p < 1.0 for p in params):
-        x = _mask_below(x, _top_p_threshold(x, [p.top_p for p in params]))
+    x = logits
+    if any(p.temperature != 1.0 for p in params):
+        x = x / _column([p.temperature for p in params], x.device)
+    k_rows = [i for i, p in enumerate(params) if p.top_k > 0]
+    if k_rows:
+        floor = _top_k_floor(x[k_rows], [params[i].top_k for i in k_rows])
+        x = _mask_rows_below(x, k_rows, floor)
+    p_rows = [i for i, p in enumerate(params) if p.top_p < 1.0]
+    if p_rows:
+        top_p = torch.tensor([params[i].top_p for i in p_rows], device=x.device)
+        x = _mask_rows_below(x, p_rows, _top_p_floor(x[p_rows], top_p))
     if any(p.min_p > 0.0 for p in params):
         probs = x.softmax(dim=-1)
-        floor = _column([p.min_p for p in params], device) * probs.amax(dim=-1, keepdim=True)
+        floor = _column([p.min_p for p in params], x.device) * probs.amax(dim=-1, keepdim=True)
         x = x.masked_fill(probs < floor, -math.inf)
     return x
 
@@ -239,38 +245,50 @@ def _column(values: list[float], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
 
 
-def _mask_below(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    # threshold: [S]; ties with the threshold stay, as in TopKLogitsWarper.
-    return x.masked_fill(x < threshold.unsqueeze(1), -math.inf)
+def _mask_rows_below(x: torch.Tensor, rows: list[int], floor: torch.Tensor) -> torch.Tensor:
+    """Set x[rows[j], v] to -inf where it is below floor[j]; ties with the floor stay."""
+    full_floor = torch.full((x.shape[0],), -math.inf, device=x.device)
+    full_floor[rows] = floor
+    return x.masked_fill(x < full_floor.unsqueeze(1), -math.inf)
 
 
-def _top_k_threshold(x: torch.Tensor, top_k: list[int]) -> torch.Tensor:
-    """Per row, the k-th largest logit; -inf where top-k is off."""
-    vocab = x.shape[-1]
-    ks = [min(k, vocab) if k > 0 else vocab for k in top_k]
-    best = x.topk(max(ks), dim=-1).values  # [S, kmax], descending
-    kth = best.gather(1, torch.tensor(ks, device=x.device).unsqueeze(1) - 1).squeeze(1)
-    off = torch.tensor([k <= 0 for k in top_k], device=x.device)
-    return kth.masked_fill(off, -math.inf)
+def _top_k_floor(x: torch.Tensor, top_k: list[int]) -> torch.Tensor:
+    """The k-th largest logit of each row. x: [R, V]; returns [R]."""
+    ks = torch.tensor([min(k, x.shape[-1]) for k in top_k], device=x.device)
+    best = x.topk(int(ks.max()), dim=-1).values  # [R, kmax], descending
+    return best.gather(1, ks.unsqueeze(1) - 1).squeeze(1)
 
 
-def _top_p_threshold(x: torch.Tensor, top_p: list[float]) -> torch.Tensor:
-    """Per row, the smallest logit of the nucleus; -inf where top-p is off.
+def _top_p_floor(x: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """The smallest logit of each row's nucleus. x: [R, V]; top_p: [R] in (0, 1).
+
+    Looks among the best TOP_P_WINDOW tokens first and sorts the whole row only where
+    they hold less than top_p of the mass.
+    """
+    floor, covered = _nucleus_floor(x, top_p, min(TOP_P_WINDOW, x.shape[-1]))
+    if not bool(covered.all()):
+        short = (~covered).nonzero().squeeze(1)
+        floor[short] = _nucleus_floor(x[short], top_p[short], x.shape[-1])[0]
+    return floor
+
+
+def _nucleus_floor(
+    x: torch.Tensor, top_p: torch.Tensor, width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nucleus floor [R] among each row's best `width` logits, and whether they cover top_p.
 
     TopPLogitsWarper drops a token when the mass at or below it is <= 1 - p, i.e. it keeps
     a token when the mass strictly above it is < p.
     """
-    p = torch.tensor(top_p, dtype=torch.float32, device=x.device)
-    log_total = x.logsumexp(dim=-1, keepdim=True)
-    best = x.topk(min(TOP_P_WINDOW, x.shape[-1]), dim=-1).values  # [S, W], descending
-    probs = (best - log_total).exp()
-    if bool(((probs.sum(dim=-1) < p) & (p < 1.0)).any()):
-        best = x.sort(dim=-1, descending=True).values  # the window misses some nucleus
-        probs = (best - log_total).exp()
-    mass_above = probs.cumsum(dim=-1) - probs
-    num_kept = (mass_above < p.unsqueeze(1)).sum(dim=-1).clamp(min=1)
-    smallest_kept = best.gather(1, (num_kept - 1).unsqueeze(1)).squeeze(1)
-    return smallest_kept.masked_fill(p >= 1.0, -math.inf)
+    if width == x.shape[-1]:
+        best = x.sort(dim=-1, descending=True).values  # [R, V]
+    else:
+        best = x.topk(width, dim=-1).values  # [R, W], descending
+    probs = (best - x.logsumexp(dim=-1, keepdim=True)).exp()
+    cumulative = probs.cumsum(dim=-1)
+    num_kept = (cumulative - probs < top_p.unsqueeze(1)).sum(dim=-1).clamp(min=1)
+    floor = best.gather(1, (num_kept - 1).unsqueeze(1)).squeeze(1)
+    return floor, cumulative[:, -1] >= top_p
 
 
 def _inverse_cdf_draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

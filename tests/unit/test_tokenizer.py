@@ -159,10 +159,23 @@ def test_encode_rejects_non_text(tokenizer):
         tokenizer.encode([1, 2, 3])
 
 
+def test_tokens_declared_only_in_config_are_added_like_transformers(tmp_path, style):
+    size = write_tokenizer_files(tmp_path, style=style)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"][str(size)] = {"content": "<extra>", "special": False, "normalized": False}
+    config["unk_token"] = "<unk_x>"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer, reference = Tokenizer.from_dir(tmp_path), load_reference(tmp_path)
+    text = "a<extra>b <unk_x> c"
+    assert tokenizer.encode(text) == reference(text)["input_ids"]
+    assert tokenizer.token_to_id("<extra>") == size and tokenizer.vocab_size == len(reference) == size + 2
+    expected_text = reference.decode(reference(text)["input_ids"], skip_special_tokens=True)
+    assert tokenizer.decode(tokenizer.encode(text)) == expected_text
+
+
 def _digest(directory: Path) -> str:
     return hashlib.sha256(b"".join((directory / name).read_bytes() for name in TOKENIZER_FILES)).hexdigest()
 
 
 def _repo_root() -> Path:
     return Path(__file__).resolve().parents[2]
-

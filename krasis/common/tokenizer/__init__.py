@@ -6,8 +6,8 @@ small deterministic tokenizer used by tiny test checkpoints and the embedded def
 """
 
 from .builder import write_tokenizer_files
-from .chat_template import TokenizerError
 from .detokenizer import IncrementalDetokenizer
+from .errors import TokenizerError
 from .stop import StopStringMatcher
 from .tokenizer import Tokenizer
 

@@ -16,7 +16,8 @@ TRAINED_VOCAB_SIZE = 640
 # Qwen2's pre-tokenizer split; transformers' Qwen2Tokenizer rebuilds exactly this pipeline around our
 # vocab, so keeping it identical keeps both loaders in agreement.
 QWEN2_SPLIT = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
+    r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 # DeepSeek-V2 isolates CJK runs and digit groups before the GPT-2 style byte-level split.
 DEEPSEEK_CJK_SPLIT = r"[一-龥ࠀ-一가-퟿]+"

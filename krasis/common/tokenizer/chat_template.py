@@ -13,12 +13,10 @@ import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from .errors import TokenizerError, one_line
+
 # Names a message's reasoning arrives under; templates read `reasoning_content` (gpt-oss reads `thinking`).
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
-
-
-class TokenizerError(ValueError):
-    """A tokenizer directory, chat or template input that cannot be used; the message is one line."""
 
 
 def render_chat_template(
@@ -42,7 +40,7 @@ def render_chat_template(
             **_plain(variables, "template kwargs"),
         )
     except jinja2.TemplateError as e:
-        raise TokenizerError(f"chat template error: {_one_line(e)}") from e
+        raise TokenizerError(f"chat template error: {one_line(e)}") from e
 
 
 def normalize_messages(messages) -> list[dict]:
@@ -93,10 +91,6 @@ def _plain_list(value, where: str) -> list | None:
     if not isinstance(value, (list, tuple)) or not all(isinstance(item, dict) for item in value):
         raise TokenizerError(f"{where} must be a list of JSON schema dicts")
     return _plain(list(value), where)
-
-
-def _one_line(error: Exception) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
 
 
 class _GenerationTag(jinja2.ext.Extension):
@@ -170,4 +164,4 @@ def _compile(template: str) -> jinja2.Template:
     try:
         return env.from_string(template)
     except jinja2.TemplateSyntaxError as e:
-        raise TokenizerError(f"chat template does not compile: {_one_line(e)}") from e
+        raise TokenizerError(f"chat template does not compile: {one_line(e)}") from e

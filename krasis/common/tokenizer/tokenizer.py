@@ -10,7 +10,8 @@ from pathlib import Path
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as BackendTokenizer
 
-from .chat_template import TokenizerError, render_chat_template
+from .chat_template import render_chat_template
+from .errors import TokenizerError, one_line
 
 # The named special tokens transformers hands to chat templates (its SPECIAL_TOKENS_ATTRIBUTES).
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -55,7 +56,7 @@ class Tokenizer:
         try:
             backend = BackendTokenizer.from_file(str(path))
         except Exception as e:  # the Rust loader raises bare Exception on malformed files
-            raise TokenizerError(f"cannot load {path}: {e}") from e
+            raise TokenizerError(f"cannot load {path}: {one_line(e)}") from e
         config = _read_json(model_dir / "tokenizer_config.json")
         # generation_config.json is what transformers' generate() stops on; config.json is the fallback
         eos_ids = _eos_token_ids(_read_json(model_dir / "generation_config.json"))
@@ -125,7 +126,7 @@ def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TokenizerError(f"malformed {path}: {e}") from e
+        raise TokenizerError(f"malformed {path}: {one_line(e)}") from e
 
 
 def _read_chat_template(model_dir: Path, config: dict) -> str | dict[str, str] | None:
@@ -170,17 +171,22 @@ def _add_missing_tokens(backend: BackendTokenizer, config: dict, named: dict[str
     # transformers adds tokens that tokenizer_config declares but tokenizer.json lacks as added tokens;
     # doing the same keeps encode() identical for such (rare, hand-edited) directories.
     present = {token.content for token in backend.get_added_tokens_decoder().values()}
-    declared = [
-        (entry["content"], bool(entry.get("special", False)))
-        for _, entry in sorted(config.get("added_tokens_decoder", {}).items(), key=lambda kv: int(kv[0]))
-    ]
-    declared += [(content, True) for content in named.values()]
-    for content, special in declared:
-        if content in present:
+    declared = [entry for _, entry in sorted(config.get("added_tokens_decoder", {}).items(), key=lambda kv: int(kv[0]))]
+    declared += [{"content": content, "special": True} for content in named.values()]
+    for entry in declared:
+        if entry["content"] in present:
             continue
-        token = AddedToken(content, special=special, normalized=not special)
+        special = bool(entry.get("special", False))
+        token = AddedToken(
+            entry["content"],
+            special=special,
+            normalized=entry.get("normalized", not special),
+            lstrip=entry.get("lstrip", False),
+            rstrip=entry.get("rstrip", False),
+            single_word=entry.get("single_word", False),
+        )
         (backend.add_special_tokens if special else backend.add_tokens)([token])
-        present.add(content)
+        present.add(entry["content"])
 
 
 def _clean_up_tokenization(text: str) -> str:
