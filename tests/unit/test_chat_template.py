@@ -216,10 +216,17 @@ def test_template_raise_exception_becomes_tokenizer_error(tmp_path):
         tokenizer.apply_chat_template([{"role": "narrator", "content": "x"}])
 
 
+def test_content_the_template_cannot_handle_is_a_clear_error(tmp_path):
+    write_model_dir(tmp_path, "chatml")
+    parts = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    with pytest.raises(TokenizerError, match="chat template error"):
+        Tokenizer.from_dir(tmp_path).apply_chat_template(parts)
+
+
 def test_broken_template_is_a_clear_error(tmp_path):
     write_model_dir(tmp_path, "chatml")
     (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }")
-    with pytest.raises(TokenizerError, match="does not compile") as caught:
+    with pytest.raises(TokenizerError, match="^chat template does not compile") as caught:
         Tokenizer.from_dir(tmp_path).apply_chat_template(CHATS["user"])
     assert "\n" not in str(caught.value)
 

@@ -31,15 +31,15 @@ def render_chat_template(
     messages = normalize_messages(messages)
     tools = _plain_list(tools, "tools")
     documents = _plain_list(documents, "documents")
+    variables = _plain(variables, "template kwargs")
+    compiled = _compile(template)
     try:
-        return _compile(template).render(
-            messages=messages,
-            tools=tools,
-            documents=documents,
-            add_generation_prompt=add_generation_prompt,
-            **_plain(variables, "template kwargs"),
+        return compiled.render(
+            messages=messages, tools=tools, documents=documents, add_generation_prompt=add_generation_prompt, **variables
         )
-    except jinja2.TemplateError as e:
+    except Exception as e:
+        # Templates are foreign code run on user input: a TypeError from "'x' + content_list" is as much
+        # a bad request as raise_exception(...) is.
         raise TokenizerError(f"chat template error: {one_line(e)}") from e
 
 

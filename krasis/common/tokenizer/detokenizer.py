@@ -21,7 +21,9 @@ class IncrementalDetokenizer:
     """Turns one request's generated ids into text chunks; `add` per token, `flush` at the end.
 
     Without `prompt_ids` the chunks join to `tokenizer.decode(generated_ids)`. With them, the text
-    continues the prompt (a SentencePiece "▁Paris" after a prompt keeps its leading space).
+    continues the prompt (a SentencePiece "▁Paris" after a prompt keeps its leading space). One
+    exception: invalid UTF-8 from a byte-fallback model, where decode turns a whole <0xNN> run into
+    U+FFFD, including characters already streamed whole.
     """
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int] | None = None, skip_special_tokens: bool = True):

@@ -149,7 +149,7 @@ def _read_chat_template(model_dir: Path, config: dict) -> str | dict[str, str] |
 def _eos_token_ids(config: dict) -> frozenset[int]:
     eos = config.get("eos_token_id")
     if eos is None:
-        eos = config.get("text_config", {}).get("eos_token_id")  # multimodal configs nest it
+        eos = (config.get("text_config") or {}).get("eos_token_id")  # multimodal configs nest it
     if eos is None:
         return frozenset()
     return frozenset([eos] if isinstance(eos, int) else eos)
@@ -160,18 +160,15 @@ def _token_content(value) -> str:
 
 
 def _named_special_tokens(config: dict) -> dict[str, str]:
-    return {
-        name: _token_content(config[name])
-        for name in SPECIAL_TOKEN_NAMES
-        if config.get(name) is not None
-    }
+    return {name: _token_content(config[name]) for name in SPECIAL_TOKEN_NAMES if config.get(name) is not None}
 
 
 def _add_missing_tokens(backend: BackendTokenizer, config: dict, named: dict[str, str]) -> None:
     # transformers adds tokens that tokenizer_config declares but tokenizer.json lacks as added tokens;
     # doing the same keeps encode() identical for such (rare, hand-edited) directories.
     present = {token.content for token in backend.get_added_tokens_decoder().values()}
-    declared = [entry for _, entry in sorted(config.get("added_tokens_decoder", {}).items(), key=lambda kv: int(kv[0]))]
+    by_id = config.get("added_tokens_decoder") or {}
+    declared = [by_id[key] for key in sorted(by_id, key=int)]
     declared += [{"content": content, "special": True} for content in named.values()]
     for entry in declared:
         if entry["content"] in present:

@@ -1,0 +1,215 @@
+"""CPU decode speed of the unquantized engine path on a DeepSeek-V2-Lite-shaped model with random weights.
+
+Prints decode tok/s next to the memory-bandwidth bound (read bandwidth measured in this run divided by
+the bytes one token must read), so a kernel is judged in GB/s, not in isolation.
+"""
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+
+import torch
+
+from krasis.common.engine import EngineConfig, EngineCore
+from krasis.common.models.deepseek_v2 import DeepseekV2Config, DeepseekV2ForCausalLM
+from krasis.common.sampling import SamplingParams
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+GB = 1e9
+
+
+def v2_lite_config(num_layers: int) -> dict:
+    """The published DeepSeek-V2-Lite config.json fields, cut to `num_layers` layers."""
+    return {
+        "model_type": "deepseek_v2", "vocab_size": 102400, "hidden_size": 2048, "intermediate_size": 10944,
+        "num_hidden_layers": num_layers, "num_attention_heads": 16, "num_key_value_heads": 16,
+        "kv_lora_rank": 512, "q_lora_rank": None, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+        "v_head_dim": 128, "moe_intermediate_size": 1408, "n_routed_experts": 64, "n_shared_experts": 2,
+        "num_experts_per_tok": 6, "first_k_dense_replace": 1, "moe_layer_freq": 1, "topk_method": "greedy",
+        "n_group": 1, "topk_group": 1, "norm_topk_prob": False, "routed_scaling_factor": 1.0,
+        "scoring_func": "softmax", "max_position_embeddings": 163840, "rope_theta": 10000,
+        "rope_scaling": {
+            "type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "mscale": 0.707,
+            "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1,
+        },
+        "rms_norm_eps": 1e-6, "hidden_act": "silu", "attention_bias": False, "tie_word_embeddings": False,
+    }
+
+
+def build_random_model(cfg: DeepseekV2Config, dtype: torch.dtype, seed: int = 0) -> DeepseekV2ForCausalLM:
+    """Build on meta, allocate straight in `dtype` (no fp32 copy first), fill with N(0, 1/fan_in); norms 1."""
+    with torch.device("meta"):
+        model = DeepseekV2ForCausalLM(cfg).to(dtype)
+    model.to_empty(device="cpu")
+    gen = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith(model.fp32_parameters):
+            param.data = torch.empty(param.shape, dtype=torch.float32)
+        if param.dim() == 1:
+            param.data.fill_(1.0)
+        else:
+            # Weights are [..., out, in]: the last dim is the fan-in, which keeps activations O(1) per layer.
+            param.data.normal_(0.0, param.shape[-1] ** -0.5, generator=gen)
+    return model.eval().requires_grad_(False)
+
+
+def read_bandwidth(gib: float = 2.0, passes: int = 8) -> tuple[float, float]:
+    """(best, median) GB/s of torch.sum over a buffer far larger than the L3, first pass dropped as warm-up."""
+    buf = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)  # ones, not empty: every page is faulted in
+    rates = []
+    for _ in range(passes + 1):
+        start = time.perf_counter()
+        buf.sum()
+        rates.append(buf.numel() * 4 / (time.perf_counter() - start) / GB)
+    del buf
+    return max(rates[1:]), statistics.median(rates[1:])
+
+
+def param_group(name: str) -> str:
+    if name == "model.embed_tokens.weight":
+        return "embedding (1 row)"
+    if ".mlp.experts." in name:
+        return "routed experts (top-k)"
+    if ".mlp.shared_experts." in name:
+        return "shared experts"
+    if ".mlp.gate." in name:
+        return "router (fp32)"
+    if "norm" in name:
+        return "norms"
+    if ".self_attn." in name:
+        return "attention"
+    if ".mlp." in name:
+        return "dense MLP"
+    return "lm_head"
+
+
+def bytes_per_token(model: DeepseekV2ForCausalLM, context: float) -> dict[str, float]:
+    """Bytes one batch-1 decode token must read, by group: every weight it touches once, plus the KV cache."""
+    cfg = model.config
+    groups: dict[str, float] = {}
+    for name, param in model.named_parameters():
+        group = param_group(name)
+        size = param.numel() * param.element_size()
+        if group == "embedding (1 row)":
+            size = param.shape[-1] * param.element_size()
+        elif group == "routed experts (top-k)":
+            size *= cfg.num_experts_per_tok / cfg.n_routed_experts
+        groups[group] = groups.get(group, 0.0) + size
+    kv_width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    groups["KV cache (latent + k_pe)"] = context * kv_width * model.lm_head.weight.element_size() * len(model.kv_widths)
+    return groups
+
+
+def mla_expand_flops(cfg: DeepseekV2Config, context: float) -> float:
+    """FLOPs per token spent re-expanding the cached latent through kv_b_proj over the whole context."""
+    width = cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+    return 2 * context * cfg.kv_lora_rank * width * cfg.num_hidden_layers
+
+
+def run_engine(model, cfg: DeepseekV2Config, prompt_tokens: int, decode_tokens: int) -> dict:
+    """Prefill a random prompt (its step yields the first token), then time `decode_tokens` decode steps."""
+    max_context = prompt_tokens + decode_tokens + 1
+    engine = EngineCore(model, EngineConfig(max_context, kv_pages=-(-max_context // 16)), frozenset(), cfg.vocab_size)
+    prompt = torch.randint(cfg.vocab_size, (prompt_tokens,), generator=torch.Generator().manual_seed(1)).tolist()
+    engine.add("bench", prompt, SamplingParams(max_tokens=decode_tokens + 1, temperature=0.0, ignore_eos=True))
+    start = time.perf_counter()
+    while not engine.step():  # chunks of max_batch_tokens; the last one samples the first token
+        pass
+    prefill_s = time.perf_counter() - start
+    step_s = []
+    while engine.has_work:
+        start = time.perf_counter()
+        engine.step()
+        step_s.append(time.perf_counter() - start)
+    return {
+        "prefill_s": prefill_s,
+        "prefill_tok_s": prompt_tokens / prefill_s,
+        "decode_tok_s": len(step_s) / sum(step_s),
+        "decode_ms_per_token": 1e3 * sum(step_s) / len(step_s),
+        "decode_ms_per_token_median": 1e3 * statistics.median(step_s),
+    }
+
+
+def print_breakdown(result: dict) -> None:
+    print(f"bytes read per decoded token (mean context {result['mean_context']:.0f}):")
+    for group, size in sorted(result["bytes_per_token"].items(), key=lambda kv: -kv[1]):
+        print(f"  {group:<26} {size / 1e6:10.1f} MB")
+    print(f"  {'total':<26} {result['bytes_per_token_total'] / 1e6:10.1f} MB")
+    print(f"MLA K/V re-expansion: {result['mla_expand_gflop']:.1f} GFLOP/token (compute, no extra weight reads)")
+
+
+def print_table(r: dict) -> None:
+    rows = [
+        ("decode tok/s", f"{r['decode_tok_s']:.2f}", f"{r['decode_bound_tok_s']:.1f} (bandwidth bound)",
+         f"{r['decode_ratio']:.1%}"),
+        ("decode GB/s effective", f"{r['decode_gbs']:.2f}", f"{r['bandwidth_gbs_best']:.1f} (read bandwidth)",
+         f"{r['decode_ratio']:.1%}"),
+        ("decode ms/token (median)", f"{r['decode_ms_per_token']:.0f} ({r['decode_ms_per_token_median']:.0f})",
+         f"{1e3 / r['decode_bound_tok_s']:.0f}", ""),
+        ("prefill tok/s", f"{r['prefill_tok_s']:.1f}", "", ""),
+        ("peak RSS GB", f"{r['peak_rss_gb']:.2f}", f"weights {r['weights_gb']:.2f}", ""),
+    ]
+    print(f"\n{r['layers']} layers, {r['dtype']}, {r['threads']} threads, "
+          f"prompt {r['prompt_tokens']}, decode {r['decode_tokens']}; "
+          f"bandwidth best {r['bandwidth_gbs_best']:.1f} / median {r['bandwidth_gbs_median']:.1f} GB/s")
+    print(f"{'metric':<26}{'measured':>14}{'limit':>34}{'ratio':>8}")
+    for metric, measured, limit, ratio in rows:
+        print(f"{metric:<26}{measured:>14}{limit:>34}{ratio:>8}")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--bandwidth-gib", type=float, default=2.0)
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731 - progress never pollutes --json
+    # Bandwidth first, before the weights exist, so the 2 GiB buffer doesn't add to the peak RSS.
+    log(f"measuring read bandwidth ({args.bandwidth_gib} GiB, {args.threads} threads)...")
+    best_gbs, median_gbs = read_bandwidth(args.bandwidth_gib)
+    cfg = DeepseekV2Config.from_hf(v2_lite_config(args.layers))
+    log(f"building {args.layers}-layer model in {args.dtype} with random weights...")
+    start = time.perf_counter()
+    model = build_random_model(cfg, DTYPES[args.dtype])
+    build_s = time.perf_counter() - start
+    log(f"built in {build_s:.1f} s; prefill {args.prompt_tokens} + decode {args.decode_tokens} tokens...")
+    timings = run_engine(model, cfg, args.prompt_tokens, args.decode_tokens)
+
+    mean_context = args.prompt_tokens + (args.decode_tokens + 1) / 2  # each decode step attends to all before it
+    groups = bytes_per_token(model, mean_context)
+    total = sum(groups.values())
+    result = {
+        "layers": args.layers, "dtype": args.dtype, "threads": args.threads,
+        "prompt_tokens": args.prompt_tokens, "decode_tokens": args.decode_tokens,
+        "params": sum(p.numel() for p in model.parameters()),
+        "weights_gb": sum(p.numel() * p.element_size() for p in model.parameters()) / GB,
+        "build_s": build_s, "bandwidth_gbs_best": best_gbs, "bandwidth_gbs_median": median_gbs,
+        "mean_context": mean_context, "bytes_per_token": groups, "bytes_per_token_total": total,
+        "mla_expand_gflop": mla_expand_flops(cfg, mean_context) / GB,
+        **timings,
+        "decode_bound_tok_s": best_gbs * GB / total,
+        "decode_gbs": timings["decode_tok_s"] * total / GB,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB,  # Linux: KiB
+    }
+    result["decode_ratio"] = result["decode_tok_s"] / result["decode_bound_tok_s"]
+    if args.json:
+        print(json.dumps(result))
+        return
+    print_breakdown(result)
+    print_table(result)
+
+
+if __name__ == "__main__":
+    main()

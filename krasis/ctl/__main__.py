@@ -1,0 +1,5 @@
+"""`python -m krasis.ctl` runs krasis-ctl."""
+
+from krasis.ctl.main import cli
+
+cli()
