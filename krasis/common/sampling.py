@@ -12,86 +12,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-MAX_LOGPROBS = 20
-MAX_STOP_STRINGS = 16
-MAX_ABS_PENALTY = 2.0
-# Temperatures below this are greedy: dividing logits by them overflows fp32.
-GREEDY_TEMPERATURE = 1e-5
+from krasis.common.sampling_params import SamplingParams  # noqa: F401  (re-exported)
+
 # top-p looks for its nucleus among this many best tokens first; a full sort of a 150K vocab
 # costs ~15 ms a row on CPU, top-k of 1024 well under 1 ms.
 TOP_P_WINDOW = 1024
+# Ratios p / p_max below e^EXP_FLOOR count as 0 (see _ratio_to_max).
+EXP_FLOOR = -80.0
+# Columns per block in the two-level draw (see _inverse_cdf_draw).
+DRAW_BLOCK = 256
 
 _U64 = (1 << 64) - 1
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How one request picks its tokens (OpenAI request fields plus HF repetition_penalty)."""
-
-    max_tokens: int = 16
-    temperature: float = 1.0  # 0 => greedy (argmax after penalties)
-    top_p: float = 1.0
-    top_k: int = 0  # 0 or -1 => off
-    min_p: float = 0.0
-    presence_penalty: float = 0.0  # OpenAI semantics, over generated tokens
-    frequency_penalty: float = 0.0  # OpenAI semantics, over generated tokens
-    repetition_penalty: float = 1.0  # HF/CTRL semantics, over prompt + generated tokens
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
-    logprobs: int | None = None  # None: off; N >= 0: chosen token's logprob and the top N
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature < GREEDY_TEMPERATURE
-
-    def validate(self, vocab_size: int | None = None) -> None:
-        """Raise ValueError("<field>: <reason>") for the first out-of-range field."""
-        _check_int("max_tokens", self.max_tokens, low=0)
-        _check_float("temperature", self.temperature, self.temperature >= 0, "must be >= 0")
-        _check_float("top_p", self.top_p, 0 < self.top_p <= 1, "must be in (0, 1]")
-        _check_int("top_k", self.top_k, low=-1, high=vocab_size)
-        _check_float("min_p", self.min_p, 0 <= self.min_p <= 1, "must be in [0, 1]")
-        for name in ("presence_penalty", "frequency_penalty"):
-            value = getattr(self, name)
-            ok = -MAX_ABS_PENALTY <= value <= MAX_ABS_PENALTY
-            _check_float(name, value, ok, f"must be in [-{MAX_ABS_PENALTY}, {MAX_ABS_PENALTY}]")
-        penalty = self.repetition_penalty
-        _check_float("repetition_penalty", penalty, penalty > 0, "must be > 0")
-        if self.seed is not None:
-            _check_int("seed", self.seed)
-        self._validate_stop()
-        if not isinstance(self.ignore_eos, bool):
-            raise ValueError("ignore_eos: must be a bool")
-        if self.logprobs is not None:
-            high = MAX_LOGPROBS if vocab_size is None else min(MAX_LOGPROBS, vocab_size)
-            _check_int("logprobs", self.logprobs, low=0, high=high)
-
-    def _validate_stop(self) -> None:
-        if not isinstance(self.stop, tuple):
-            raise ValueError("stop: must be a tuple of strings")
-        if len(self.stop) > MAX_STOP_STRINGS:
-            raise ValueError(f"stop: at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}")
-        for s in self.stop:
-            if not isinstance(s, str) or not s:
-                raise ValueError(f"stop: each entry must be a non-empty string, got {s!r}")
-
-
-def _check_int(name: str, value, low: int | None = None, high: int | None = None) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"{name}: must be an integer, got {value!r}")
-    if low is not None and value < low:
-        raise ValueError(f"{name}: must be >= {low}, got {value}")
-    if high is not None and value > high:
-        raise ValueError(f"{name}: must be <= {high}, got {value}")
-
-
-def _check_float(name: str, value, in_range: bool, reason: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name}: must be a finite number, got {value!r}")
-    if not in_range:
-        raise ValueError(f"{name}: {reason}, got {value}")
 
 
 def _splitmix64(x: int) -> int:
@@ -99,6 +32,35 @@ def _splitmix64(x: int) -> int:
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _U64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _U64
     return x ^ (x >> 31)
+
+
+class _TokenTally:
+    """Distinct token ids with their counts, kept as tensors ready for index ops."""
+
+    def __init__(self, ids: torch.Tensor):
+        unique, counts = torch.unique(ids, return_counts=True)
+        n = unique.numel()
+        self._ids = torch.zeros(max(64, 2 * n), dtype=torch.long)
+        self._counts = torch.zeros(max(64, 2 * n), dtype=torch.float32)
+        self._ids[:n] = unique
+        self._counts[:n] = counts.float()
+        self._pos = dict(zip(unique.tolist(), range(n)))
+
+    def add(self, token_id: int) -> None:
+        pos = self._pos.setdefault(token_id, len(self._pos))
+        if pos == self._ids.numel():
+            self._ids = torch.cat([self._ids, torch.zeros_like(self._ids)])
+            self._counts = torch.cat([self._counts, torch.zeros_like(self._counts)])
+        self._ids[pos] = token_id
+        self._counts[pos] += 1
+
+    @property
+    def ids(self) -> torch.Tensor:
+        return self._ids[: len(self._pos)]
+
+    @property
+    def counts(self) -> torch.Tensor:
+        return self._counts[: len(self._pos)]
 
 
 class SequenceSampler:
@@ -122,33 +84,25 @@ class SequenceSampler:
         self.seed = params.seed if params.seed is not None else fresh
         self.num_generated = 0
         self.generator = torch.Generator()
-        # seen_mask: [V] bool, prompt + output ids; output_counts: [V] fp32, output ids only.
-        self.seen_mask: torch.Tensor | None = None
-        self.output_counts: torch.Tensor | None = None
+        # seen: prompt + output ids (repetition penalty); generated: output ids only.
+        self.seen: _TokenTally | None = None
+        self.generated: _TokenTally | None = None
         if params.repetition_penalty != 1.0:
-            self.seen_mask = torch.zeros(vocab_size, dtype=torch.bool)
             prompt = torch.as_tensor(prompt_ids, dtype=torch.long)
-            self._check_prompt_ids(prompt)
-            self.seen_mask[prompt] = True
+            if prompt.numel() and not (0 <= int(prompt.min()) <= int(prompt.max()) < vocab_size):
+                raise ValueError(f"prompt ids must be in [0, {vocab_size})")
+            self.seen = _TokenTally(prompt)
         if params.presence_penalty != 0.0 or params.frequency_penalty != 0.0:
-            self.output_counts = torch.zeros(vocab_size, dtype=torch.float32)
+            self.generated = _TokenTally(torch.empty(0, dtype=torch.long))
         for token_id in output_ids:
             self.append(token_id)
-
-    def _check_prompt_ids(self, ids: torch.Tensor) -> None:
-        if ids.numel() == 0:
-            return
-        low, high = int(ids.min()), int(ids.max())
-        if low < 0 or high >= self.vocab_size:
-            raise ValueError(f"prompt ids must be in [0, {self.vocab_size}), got {low}..{high}")
 
     def append(self, token_id: int) -> None:
         if not 0 <= token_id < self.vocab_size:
             raise ValueError(f"token id {token_id} outside vocab of {self.vocab_size}")
-        if self.seen_mask is not None:
-            self.seen_mask[token_id] = True
-        if self.output_counts is not None:
-            self.output_counts[token_id] += 1
+        for tally in (self.seen, self.generated):
+            if tally is not None:
+                tally.add(token_id)
         self.num_generated += 1
 
     def next_uniform(self) -> float:
@@ -177,128 +131,223 @@ def sample(logits: torch.Tensor, seqs: list[SequenceSampler]) -> SampleResult:
     """Pick one token per row. logits: [B, V], any float dtype; work is done in fp32."""
     if logits.dim() != 2 or logits.shape[0] != len(seqs):
         raise ValueError(f"logits must be [{len(seqs)}, V], got {list(logits.shape)}")
+    if any(s.vocab_size != logits.shape[1] for s in seqs):
+        sizes = sorted({s.vocab_size for s in seqs})
+        raise ValueError(f"logits have {logits.shape[1]} columns, samplers expect {sizes}")
     raw = logits.float()
     x = apply_penalties(raw, seqs)
     tokens = torch.empty(len(seqs), dtype=torch.long, device=x.device)
     greedy = [i for i, s in enumerate(seqs) if s.params.greedy]
     sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if greedy:
-        rows = torch.tensor(greedy, device=x.device)
-        tokens[rows] = x[rows].argmax(dim=-1)
+        tokens[greedy] = x[greedy].argmax(dim=-1)
     if sampled:
-        rows = torch.tensor(sampled, device=x.device)
-        warped = apply_warpers(x[rows], [seqs[i].params for i in sampled])
         u = torch.tensor([seqs[i].next_uniform() for i in sampled], dtype=torch.float64)
-        tokens[rows] = _inverse_cdf_draw(warped.softmax(dim=-1), u.to(x.device))
+        tokens[sampled] = _draw(x[sampled], [seqs[i].params for i in sampled], u.to(x.device))
     return SampleResult(tokens.tolist(), _gather_logprobs(raw, tokens, seqs))
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[SequenceSampler]) -> torch.Tensor:
-    """Repetition, then presence/frequency penalties. logits: [B, V] fp32; not modified."""
-    rep = [i for i, s in enumerate(seqs) if s.seen_mask is not None]
-    freq = [i for i, s in enumerate(seqs) if s.output_counts is not None]
-    if not rep and not freq:
+    """Repetition, then presence/frequency penalties. logits: [B, V] fp32; not modified.
+
+    Touches only the (row, token) pairs concerned: a dense [B, V] pass costs ~1 ms a row.
+    """
+    rep = [i for i, s in enumerate(seqs) if s.seen is not None]
+    gen = [i for i, s in enumerate(seqs) if s.generated is not None]
+    if not rep and not gen:
         return logits
     x = logits.clone()
-    device = x.device
     if rep:
-        rows = torch.tensor(rep, device=device)
-        seen = torch.stack([seqs[i].seen_mask for i in rep]).to(device)  # [R, V]
-        penalty = _column([seqs[i].params.repetition_penalty for i in rep], device)
-        sub = x[rows]
-        penalized = torch.where(sub < 0, sub * penalty, sub / penalty)
-        x[rows] = torch.where(seen, penalized, sub)
-    if freq:
-        rows = torch.tensor(freq, device=device)
-        counts = torch.stack([seqs[i].output_counts for i in freq]).to(device)  # [F, V]
-        presence = _column([seqs[i].params.presence_penalty for i in freq], device)
-        frequency = _column([seqs[i].params.frequency_penalty for i in freq], device)
-        x[rows] -= presence * (counts > 0) + frequency * counts
+        tallies = [seqs[i].seen for i in rep]
+        rows, cols, _ = _flatten(rep, tallies, x.device)
+        penalty = _spread([seqs[i].params.repetition_penalty for i in rep], tallies, x.device)
+        picked = x[rows, cols]
+        x[rows, cols] = torch.where(picked < 0, picked * penalty, picked / penalty)
+    if gen:
+        tallies = [seqs[i].generated for i in gen]
+        rows, cols, counts = _flatten(gen, tallies, x.device)
+        presence = _spread([seqs[i].params.presence_penalty for i in gen], tallies, x.device)
+        frequency = _spread([seqs[i].params.frequency_penalty for i in gen], tallies, x.device)
+        x[rows, cols] -= presence + frequency * counts  # every listed token has count > 0
     return x
 
 
-def apply_warpers(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """Temperature, top-k, top-p, min-p, as transformers' warpers. logits: [S, V] fp32.
+def _flatten(
+    rows: list[int], tallies: list[_TokenTally], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row, token id and count [N] of every (row, distinct token) pair."""
+    row_idx = _spread(rows, tallies, device).long()
+    cols = torch.cat([t.ids for t in tallies]).to(device)
+    counts = torch.cat([t.counts for t in tallies]).to(device)
+    return row_idx, cols, counts
 
-    Filtered tokens become -inf. Rows must not be greedy. Each filter looks only at the
-    rows that use it: a full-vocab sort or top-k on the others would be wasted.
+
+def _spread(values: list[float], tallies: list[_TokenTally], device: torch.device) -> torch.Tensor:
+    """values[j] repeated once per distinct token of tallies[j]: [N] fp32."""
+    lengths = torch.tensor([t.ids.numel() for t in tallies])
+    return torch.repeat_interleave(torch.tensor(values, dtype=torch.float32), lengths).to(device)
+
+
+def apply_warpers(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Temperature, top-k, top-p, min-p, as transformers' warpers: [S, V] fp32 -> [S, V].
+
+    Filtered tokens become -inf. Rows must not be greedy.
+    """
+    out = torch.full_like(logits, -math.inf)
+    for group in _warp(logits, params):
+        if group.ids is None:
+            out[group.rows] = group.logits
+        else:
+            out[group.rows] = out[group.rows].scatter(1, group.ids, group.logits)
+    return out
+
+
+@dataclass
+class _Candidates:
+    """Warped logits of some rows, either whole rows or each row's best tokens, best first."""
+
+    rows: list[int]  # which of the warped rows
+    logits: torch.Tensor  # [R, W], -inf where filtered
+    ids: torch.Tensor | None  # [R, W] token ids of the columns; None: column == token id
+
+
+def _draw(x: torch.Tensor, params: list[SamplingParams], u: torch.Tensor) -> torch.Tensor:
+    """Token ids [S] for penalized logits x [S, V], one uniform u [S] fp64 per row."""
+    tokens = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+    for group in _warp(x, params):
+        # Weights relative to the row's best token: elementwise, so a row's draw does not
+        # depend on which rows or window widths it was batched with.
+        weights = _ratio_to_max(group.logits, group.logits.amax(dim=-1, keepdim=True))
+        picked = _inverse_cdf_draw(weights, u[group.rows])
+        if group.ids is not None:
+            picked = group.ids.gather(1, picked.unsqueeze(1)).squeeze(1)
+        tokens[group.rows] = picked
+    return tokens
+
+
+def _warp(logits: torch.Tensor, params: list[SamplingParams]) -> list[_Candidates]:
+    """Rows without top-k/top-p stay whole; the others keep only their best tokens.
+
+    Top-k/top-p rows are grouped by window width, which depends only on the row's own
+    params, so batching never changes what a row keeps or in what order.
     """
     x = logits
     if any(p.temperature != 1.0 for p in params):
         x = x / _column([p.temperature for p in params], x.device)
-    k_rows = [i for i, p in enumerate(params) if p.top_k > 0]
-    if k_rows:
-        floor = _top_k_floor(x[k_rows], [params[i].top_k for i in k_rows])
-        x = _mask_rows_below(x, k_rows, floor)
-    p_rows = [i for i, p in enumerate(params) if p.top_p < 1.0]
-    if p_rows:
-        top_p = torch.tensor([params[i].top_p for i in p_rows], device=x.device)
-        x = _mask_rows_below(x, p_rows, _top_p_floor(x[p_rows], top_p))
-    if any(p.min_p > 0.0 for p in params):
-        probs = x.softmax(dim=-1)
-        floor = _column([p.min_p for p in params], x.device) * probs.amax(dim=-1, keepdim=True)
-        x = x.masked_fill(probs < floor, -math.inf)
-    return x
+    whole: list[int] = []
+    by_width: dict[int, list[int]] = {}
+    for i, p in enumerate(params):
+        if p.top_k > 0:  # k + 1: to see whether the k-th logit ties past the window
+            by_width.setdefault(min(p.top_k + 1, x.shape[-1]), []).append(i)
+        elif p.top_p < 1.0:
+            by_width.setdefault(min(TOP_P_WINDOW, x.shape[-1]), []).append(i)
+        else:
+            whole.append(i)
+    groups = []
+    if whole:
+        groups.append(_Candidates(whole, x if len(whole) == len(params) else x[whole], None))
+    for width, rows in by_width.items():
+        groups += _top_k_top_p(x, rows, [params[i] for i in rows], width)
+    for group in groups:
+        group.logits = _min_p(group.logits, [params[i].min_p for i in group.rows])
+    return groups
 
 
 def _column(values: list[float], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
 
 
-def _mask_rows_below(x: torch.Tensor, rows: list[int], floor: torch.Tensor) -> torch.Tensor:
-    """Set x[rows[j], v] to -inf where it is below floor[j]; ties with the floor stay."""
-    full_floor = torch.full((x.shape[0],), -math.inf, device=x.device)
-    full_floor[rows] = floor
-    return x.masked_fill(x < full_floor.unsqueeze(1), -math.inf)
+def _top_k_top_p(
+    x: torch.Tensor, rows: list[int], params: list[SamplingParams], width: int
+) -> list[_Candidates]:
+    """Best `width` tokens of x[rows], filtered; rows whose nucleus does not fit are sorted
+    whole (a 150K-vocab sort costs ~15 ms a row on CPU, a top-1024 ~1 ms)."""
+    vocab = x.shape[-1]
+    k = torch.tensor([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params])
+    top_p = torch.tensor([p.top_p for p in params], dtype=torch.float64)
+    logits, ids, complete = _window(x[rows], k.to(x.device), top_p.to(x.device), width)
+    if bool(complete.all()):
+        return [_Candidates(rows, logits, ids)]
+    fit = complete.cpu().nonzero().squeeze(1).tolist()
+    spill = (~complete).cpu().nonzero().squeeze(1).tolist()
+    groups = [_Candidates([rows[j] for j in fit], logits[fit], ids[fit])] if fit else []
+    spill_rows = [rows[j] for j in spill]
+    logits, ids, _ = _window(x[spill_rows], k[spill].to(x.device), top_p[spill].to(x.device), vocab)
+    return groups + [_Candidates(spill_rows, logits, ids)]
 
 
-def _top_k_floor(x: torch.Tensor, top_k: list[int]) -> torch.Tensor:
-    """The k-th largest logit of each row. x: [R, V]; returns [R]."""
-    ks = torch.tensor([min(k, x.shape[-1]) for k in top_k], device=x.device)
-    best = x.topk(int(ks.max()), dim=-1).values  # [R, kmax], descending
-    return best.gather(1, ks.unsqueeze(1) - 1).squeeze(1)
-
-
-def _top_p_floor(x: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """The smallest logit of each row's nucleus. x: [R, V]; top_p: [R] in (0, 1).
-
-    Looks among the best TOP_P_WINDOW tokens first and sorts the whole row only where
-    they hold less than top_p of the mass.
-    """
-    floor, covered = _nucleus_floor(x, top_p, min(TOP_P_WINDOW, x.shape[-1]))
-    if not bool(covered.all()):
-        short = (~covered).nonzero().squeeze(1)
-        floor[short] = _nucleus_floor(x[short], top_p[short], x.shape[-1])[0]
-    return floor
-
-
-def _nucleus_floor(
-    x: torch.Tensor, top_p: torch.Tensor, width: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nucleus floor [R] among each row's best `width` logits, and whether they cover top_p.
-
-    TopPLogitsWarper drops a token when the mass at or below it is <= 1 - p, i.e. it keeps
-    a token when the mass strictly above it is < p.
-    """
-    if width == x.shape[-1]:
-        best = x.sort(dim=-1, descending=True).values  # [R, V]
+def _window(
+    x: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor, width: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k then top-p among each row's best `width` logits. x: [R, V]; k: [R] (V = off);
+    top_p: [R] fp64 (1 = off). Returns logits [R, W] best first (-inf where filtered), their
+    ids [R, W], and [R] whether every kept token lies in the window."""
+    vocab = x.shape[-1]
+    if width == vocab:
+        best, ids = x.sort(dim=-1, descending=True)
     else:
-        best = x.topk(width, dim=-1).values  # [R, W], descending
-    probs = (best - x.logsumexp(dim=-1, keepdim=True)).exp()
-    cumulative = probs.cumsum(dim=-1)
-    num_kept = (cumulative - probs < top_p.unsqueeze(1)).sum(dim=-1).clamp(min=1)
-    floor = best.gather(1, (num_kept - 1).unsqueeze(1)).squeeze(1)
-    return floor, cumulative[:, -1] >= top_p
+        best, ids = x.topk(width, dim=-1)
+    has_k = k < vocab
+    k_floor = best.gather(1, (k.clamp(max=width) - 1).unsqueeze(1)).squeeze(1)
+    k_floor = k_floor.masked_fill(~has_k, -math.inf)
+    # The window holds every token tied with the k-th unless its last one is such a tie.
+    k_complete = ~has_k | (best[:, -1] < k_floor) | (width == vocab)
+    best = best.masked_fill(best < k_floor.unsqueeze(1), -math.inf)
+    weights = _ratio_to_max(best, best[:, :1])
+    mass = weights.cumsum(dim=-1, dtype=torch.float64)
+    total = mass[:, -1]  # all top-k survivors, when the window holds them
+    if not bool(has_k.all()):
+        whole_row = _ratio_to_max(x, best[:, :1]).sum(dim=-1, dtype=torch.float64)
+        total = torch.where(has_k, total, whole_row)
+    # TopPLogitsWarper drops a token when the mass at or below it is <= 1 - p, i.e. keeps
+    # it when the mass strictly above it is < p.
+    kept = (mass - weights) < (top_p * total).unsqueeze(1)
+    num_kept = kept.sum(dim=-1).clamp(min=1)
+    p_floor = best.gather(1, (num_kept - 1).unsqueeze(1)).squeeze(1)
+    floor = torch.where(top_p >= 1.0, k_floor, p_floor)
+    # A nucleus that does not fit keeps the whole window, so its floor is the last entry.
+    complete = k_complete & ((best[:, -1] < floor) | (width == vocab))
+    return best.masked_fill(best < floor.unsqueeze(1), -math.inf), ids, complete
 
 
-def _inverse_cdf_draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Token ids [S] drawn from probs [S, V] (need not sum to 1) with uniforms u [S] fp64."""
-    # fp64 prefix sums: in fp32, tokens below ~1e-7 of the running mass would vanish.
-    cdf = probs.cumsum(dim=-1, dtype=torch.float64)
-    total = cdf[:, -1:]
-    # Strictly below the total, so the first cdf entry above target has nonzero mass.
-    target = torch.minimum(u.unsqueeze(1) * total, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, target, right=True).squeeze(1)
+def _min_p(logits: torch.Tensor, min_p: list[float]) -> torch.Tensor:
+    """MinPLogitsWarper: drop tokens with p < min_p * p_max. logits: [R, W]."""
+    if not any(m > 0.0 for m in min_p):
+        return logits
+    ratio = _ratio_to_max(logits, logits.amax(dim=-1, keepdim=True))
+    return logits.masked_fill(ratio < _column(min_p, logits.device), -math.inf)
+
+
+def _ratio_to_max(logits: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
+    """p / p_max = exp(logits - row_max), exactly 0 below e^EXP_FLOOR and at -inf.
+
+    CPU exp() of inputs that underflow takes a slow path (~50x); clamping avoids it.
+    """
+    floor = math.exp(EXP_FLOOR)
+    return (logits - row_max).clamp_(min=EXP_FLOOR).exp_().sub_(floor).clamp_(min=0.0)
+
+
+def _inverse_cdf_draw(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Column [S] drawn from weights [S, W] (>= 0, unnormalized) with uniforms u [S] fp64.
+
+    fp64 throughout (in fp32, tokens below ~1e-7 of the running mass vanish), in two levels:
+    a block of DRAW_BLOCK columns by block mass, then a column inside it; an fp64 cumsum
+    over a 150K row costs ~0.8 ms on CPU, the block sums ~0.06 ms.
+    """
+    rows, width = weights.shape
+    blocks = F.pad(weights, (0, -width % DRAW_BLOCK)).view(rows, -1, DRAW_BLOCK)
+    block_mass = blocks.sum(dim=-1, dtype=torch.float64)  # [S, NB]
+    block_cdf = block_mass.cumsum(dim=-1)
+    # u <= 1 - 2**-53 keeps target below the total, so block b exists and has mass.
+    target = u.unsqueeze(1) * block_cdf[:, -1:]  # [S, 1]
+    b = torch.searchsorted(block_cdf, target, right=True)
+    rest = (target - block_cdf.gather(1, b) + block_mass.gather(1, b)).clamp(min=0.0)
+    inner = blocks[torch.arange(rows, device=weights.device), b.squeeze(1)]  # [S, DRAW_BLOCK]
+    inner_cdf = inner.cumsum(dim=-1, dtype=torch.float64)
+    column = torch.searchsorted(inner_cdf, rest, right=True)
+    # Rounding between the two levels can point past the block's last nonzero column.
+    last_nonzero = (inner_cdf < inner_cdf[:, -1:]).sum(dim=-1, keepdim=True)
+    return (b * DRAW_BLOCK + torch.minimum(column, last_nonzero)).squeeze(1)
 
 
 def _gather_logprobs(

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from click.testing import CliRunner
 from transformers import AutoTokenizer
 

@@ -1,9 +1,14 @@
 """Our models compute what transformers computes, in fp32, for every config variant."""
 
 import torch
-from transformers import AutoModelForCausalLM  # noqa: F401  (the reference; fails loudly if missing)
 
-from tests.models.harness import SingleSequence, reference_logits, relative_error, teacher_forced_logits
+from tests.models.harness import (
+    SingleSequence,
+    median_token_error,
+    reference_logits,
+    relative_error,
+    teacher_forced_logits,
+)
 
 TOLERANCE = 1e-4  # max abs error over the logits' max abs value
 
@@ -27,3 +32,14 @@ def test_decode_with_kv_cache_equals_recompute(ours, variant):
     pieces = [seq.feed(tokens[:17])] + [seq.feed([t]) for t in tokens[17:30]] + [seq.feed(tokens[30:])]
     err = relative_error(torch.cat(pieces), full)
     assert err <= TOLERANCE, f"{variant}: cached decode differs from recompute by {err:.2e}"
+
+
+def test_bf16_errs_no_more_than_transformers_bf16(model_dir, reference, variant):
+    """bf16 (our default) vs exact, per token (bf16 rounding breaks near-tie router choices either way), against the reference's own bf16."""
+    from krasis.common.model_loader import load_model
+
+    tokens = prompt(80, reference.config.vocab_size, seed=4)
+    exact = reference_logits(reference, tokens)
+    reference_err = median_token_error(reference_logits(reference.to(torch.bfloat16), tokens), exact)
+    ours_err = median_token_error(teacher_forced_logits(load_model(model_dir, dtype=torch.bfloat16), tokens), exact)
+    assert ours_err <= 2 * reference_err + 2e-3, f"{variant}: bf16 error {ours_err:.2e} vs {reference_err:.2e}"

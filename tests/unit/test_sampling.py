@@ -91,6 +91,31 @@ def test_top_p_on_large_vocab_matches_transformers(scale):
     assert_same_scores(ours, hf_warp(logits, params))
 
 
+def test_top_k_keeps_ties_with_the_kth_logit_like_transformers():
+    logits = random_logits(2, scale=1.0, seed=12)
+    logits[:, :4] = torch.tensor([9.0, 8.0, 7.0, 6.0])
+    logits[:, 10:13] = 5.0  # the 5th best logit, three times over
+    params = SamplingParams(top_k=5, top_p=0.999)
+    ours = apply_warpers(logits, [params] * 2)
+    assert_same_scores(ours, hf_warp(logits, params))
+    assert int(torch.isfinite(ours[0]).sum()) == 7
+
+
+def test_top_p_counts_the_mass_of_every_top_k_tie():
+    logits = torch.full((1, VOCAB), -10.0)
+    logits[0, 0] = 6.0
+    logits[0, 1:6] = 5.0  # top_k=2 keeps all five: 6 alone holds 35% of the mass, not 58%
+    ours = apply_warpers(logits, [SamplingParams(top_k=2, top_p=0.4)])
+    assert torch.isfinite(ours[0]).nonzero().flatten().tolist() == [0, 1, 2, 3, 4, 5]
+
+
+def test_top_p_keeps_tied_tokens_together():
+    logits = torch.full((1, VOCAB), -5.0)
+    logits[0, [3, 30]] = 4.0  # two equally likely tokens hold almost all the mass
+    ours = apply_warpers(logits, [SamplingParams(top_p=0.2)])
+    assert torch.isfinite(ours[0]).nonzero().flatten().tolist() == [3, 30]
+
+
 def test_repetition_penalty_matches_transformers():
     params = SamplingParams(repetition_penalty=1.3)
     prompt, output = [3, 5, 5, 9], [11, 3, 40]
@@ -223,7 +248,7 @@ def chi_square(observed: torch.Tensor, probs: torch.Tensor) -> float:
 
 
 # chi-square critical values at p = 1e-4; the draws are seeded, so the test is deterministic.
-CHI2_CRITICAL = {3: 21.1, 5: 25.7}
+CHI2_CRITICAL = {3: 21.1, 5: 25.7, 6: 27.9}
 
 
 def test_sampling_at_temperature_one_follows_softmax():
@@ -239,6 +264,25 @@ def test_sampling_follows_the_filtered_distribution():
     probs = hf_warp(logits.unsqueeze(0), params).softmax(-1)[0]
     assert int((probs > 0).sum()) == 4
     assert chi_square(observed, probs) < CHI2_CRITICAL[3]
+
+
+def test_sampling_follows_softmax_across_draw_blocks():
+    logits = torch.full((600,), -40.0)  # 600 = two full blocks of 256 and a padded one
+    hot = [0, 255, 256, 300, 511, 512, 599]
+    logits[hot] = torch.tensor([1.0, 0.5, 0.0, 1.5, -0.5, 0.2, 1.0])
+    observed = token_counts(logits, SamplingParams(), draws=4000)
+    assert chi_square(observed, logits.softmax(-1)) < CHI2_CRITICAL[6]
+
+
+@pytest.mark.parametrize("u, expected", [(0.0, 300), (1.0 - 2.0**-53, 540)])
+def test_extreme_uniforms_pick_the_first_and_last_kept_token(monkeypatch, u, expected):
+    monkeypatch.setattr(SequenceSampler, "next_uniform", lambda self: u)
+    logits = torch.full((2, 600), -math.inf)
+    logits[0, [300, 540]] = 0.0  # the first draw block holds nothing
+    logits[1, :100] = 1.0
+    logits[1, [300, 540]] = torch.tensor([2.0, 1.9])  # top_k=2 keeps these, best first
+    seqs = samplers([SamplingParams(), SamplingParams(top_k=2)], vocab=600)
+    assert sample(logits, seqs).token_ids == [expected, expected]
 
 
 def test_logprobs_come_from_raw_logits():
@@ -261,9 +305,11 @@ def test_logprobs_come_from_raw_logits():
 
 BAD_FIELDS = [
     ("max_tokens", -1),
+    ("max_tokens", 0),
     ("max_tokens", 2.5),
     ("temperature", -0.1),
     ("temperature", math.nan),
+    ("temperature", "hot"),
     ("top_p", 0.0),
     ("top_p", 1.5),
     ("top_k", -2),
@@ -275,6 +321,7 @@ BAD_FIELDS = [
     ("repetition_penalty", 0.0),
     ("repetition_penalty", math.inf),
     ("seed", 1.5),
+    ("seed", True),
     ("stop", ("",)),
     ("stop", tuple(f"s{i}" for i in range(17))),
     ("stop", "halt"),
@@ -293,7 +340,7 @@ def test_validate_rejects_bad_field(field, value):
 
 def test_validate_accepts_edge_values():
     SamplingParams().validate(VOCAB)
-    edges = SamplingParams(max_tokens=0, temperature=0.0, top_p=1.0, top_k=-1, min_p=1.0,
+    edges = SamplingParams(max_tokens=1, temperature=0.0, top_p=1.0, top_k=-1, min_p=1.0,
                            presence_penalty=-2.0, frequency_penalty=2.0, repetition_penalty=0.5,
                            seed=-7, stop=("\n\n",), logprobs=20)
     edges.validate(VOCAB)
@@ -306,3 +353,11 @@ def test_sequence_sampler_rejects_out_of_vocab_ids():
     seq = SequenceSampler(SamplingParams(), [], VOCAB)
     with pytest.raises(ValueError, match="outside vocab"):
         seq.append(VOCAB)
+
+
+def test_sample_rejects_logits_of_the_wrong_shape():
+    seqs = samplers([SamplingParams()] * 2)
+    with pytest.raises(ValueError, match="logits must be"):
+        sample(random_logits(3), seqs)
+    with pytest.raises(ValueError, match="columns"):
+        sample(random_logits(2, vocab=VOCAB + 1), seqs)

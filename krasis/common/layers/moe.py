@@ -48,16 +48,16 @@ class StackedExperts(nn.Module):
         return [f"{e}.{p}.weight" for e in range(self.num_experts) for p in parts if (e, p) not in self._loaded]
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        # x: [T, H]; topk_ids, topk_weights: [T, K]
-        out = torch.zeros_like(x)
+        # x: [T, H]; topk_ids, topk_weights: [T, K]. Sums the K products in fp32 and rounds once, as the reference.
+        out = torch.zeros_like(x, dtype=torch.float32)
         hit = torch.unique(topk_ids).tolist()
         for expert in hit:
             token_idx, slot = torch.where(topk_ids == expert)
             gate, up = F.linear(x[token_idx], self.gate_up_proj[expert]).chunk(2, dim=-1)
             y = F.linear(self.act_fn(gate) * up, self.down_proj[expert])
             y = y * topk_weights[token_idx, slot, None]
-            out.index_add_(0, token_idx, y.to(out.dtype))
-        return out
+            out.index_add_(0, token_idx, y.float())
+        return out.to(x.dtype)
 
 
 def _copy_checked(target: torch.Tensor, tensor: torch.Tensor, key: str) -> None:
