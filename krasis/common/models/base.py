@@ -7,6 +7,20 @@ from krasis.common.kv_cache import ForwardBatch
 from krasis.common.layers.norm import RMSNorm
 
 
+class PreNormDecoderLayer(nn.Module):
+    """x + attn(norm(x)), then x + mlp(norm(x)); subclasses build the four modules with HF names."""
+
+    def __init__(self, self_attn: nn.Module, mlp: nn.Module, hidden_size: int, eps: float):
+        super().__init__()
+        self.self_attn, self.mlp = self_attn, mlp
+        self.input_layernorm = RMSNorm(hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(hidden_size, eps)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), batch)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
 class DecoderModel(nn.Module):
     """Holds the `model.` part of the checkpoint: embed_tokens, layers, norm."""
 

@@ -5,14 +5,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from krasis.common.kv_cache import ForwardBatch
 from krasis.common.layers.mla import MLAttention
 from krasis.common.layers.mlp import GatedMLP
 from krasis.common.layers.moe import StackedExperts, group_limited_topk
-from krasis.common.layers.norm import RMSNorm
 from krasis.common.layers.rotary import RotaryEmbedding, yarn_mscale
 from krasis.common.model_config import ConfigError, RopeConfig, require
-from krasis.common.models.base import CausalLM
+from krasis.common.models.base import CausalLM, PreNormDecoderLayer
 
 TOPK_METHODS = ("greedy", "group_limited_greedy")
 
@@ -130,20 +128,13 @@ class DeepseekV2MoE(nn.Module):
         return out
 
 
-class DeepseekV2DecoderLayer(nn.Module):
-    def __init__(self, cfg: DeepseekV2Config, layer_idx: int, rotary: RotaryEmbedding):
-        super().__init__()
-        self.self_attn = MLAttention(layer_idx, cfg, rotary, cfg.softmax_scale)
-        if cfg.is_sparse_layer(layer_idx):
-            self.mlp = DeepseekV2MoE(cfg)
-        else:
-            self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, cfg.mlp_bias)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), batch)
-        return x + self.mlp(self.post_attention_layernorm(x))
+def deepseek_v2_decoder_layer(cfg: DeepseekV2Config, layer_idx: int, rotary: RotaryEmbedding) -> PreNormDecoderLayer:
+    attn = MLAttention(layer_idx, cfg, rotary, cfg.softmax_scale)
+    if cfg.is_sparse_layer(layer_idx):
+        mlp = DeepseekV2MoE(cfg)
+    else:
+        mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, cfg.mlp_bias)
+    return PreNormDecoderLayer(attn, mlp, cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class DeepseekV2ForCausalLM(CausalLM):
@@ -151,7 +142,7 @@ class DeepseekV2ForCausalLM(CausalLM):
 
     def build_layers(self, cfg: DeepseekV2Config) -> nn.ModuleList:
         rotary = RotaryEmbedding(cfg.rope, cfg.qk_rope_head_dim, cfg.max_position_embeddings)
-        return nn.ModuleList(DeepseekV2DecoderLayer(cfg, i, rotary) for i in range(cfg.num_hidden_layers))
+        return nn.ModuleList(deepseek_v2_decoder_layer(cfg, i, rotary) for i in range(cfg.num_hidden_layers))
 
     @property
     def fp32_parameters(self) -> tuple[str, ...]:

@@ -5,14 +5,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from krasis.common.kv_cache import ForwardBatch
 from krasis.common.layers.gqa import GQAttention
 from krasis.common.layers.mlp import GatedMLP
 from krasis.common.layers.moe import StackedExperts, softmax_topk
-from krasis.common.layers.norm import RMSNorm
 from krasis.common.layers.rotary import RotaryEmbedding
 from krasis.common.model_config import RopeConfig, require
-from krasis.common.models.base import CausalLM
+from krasis.common.models.base import CausalLM, PreNormDecoderLayer
 
 
 @dataclass(frozen=True)
@@ -85,30 +83,23 @@ class Qwen3MoeSparseMoeBlock(nn.Module):
         return self.experts(x, ids, weights.to(x.dtype))
 
 
-class Qwen3MoeDecoderLayer(nn.Module):
-    def __init__(self, cfg: Qwen3MoeConfig, layer_idx: int, rotary: RotaryEmbedding):
-        super().__init__()
-        self.self_attn = GQAttention(
-            layer_idx,
-            cfg.hidden_size,
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-            rotary,
-            bias=cfg.attention_bias,
-            qk_norm_eps=cfg.rms_norm_eps,
-            sliding_window=cfg.sliding_window,
-        )
-        if cfg.is_sparse_layer(layer_idx):
-            self.mlp = Qwen3MoeSparseMoeBlock(cfg)
-        else:
-            self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), batch)
-        return x + self.mlp(self.post_attention_layernorm(x))
+def qwen3_moe_decoder_layer(cfg: Qwen3MoeConfig, layer_idx: int, rotary: RotaryEmbedding) -> PreNormDecoderLayer:
+    attn = GQAttention(
+        layer_idx,
+        cfg.hidden_size,
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+        rotary,
+        bias=cfg.attention_bias,
+        qk_norm_eps=cfg.rms_norm_eps,
+        sliding_window=cfg.sliding_window,
+    )
+    if cfg.is_sparse_layer(layer_idx):
+        mlp = Qwen3MoeSparseMoeBlock(cfg)
+    else:
+        mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
+    return PreNormDecoderLayer(attn, mlp, cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class Qwen3MoeForCausalLM(CausalLM):
@@ -116,4 +107,4 @@ class Qwen3MoeForCausalLM(CausalLM):
 
     def build_layers(self, cfg: Qwen3MoeConfig) -> nn.ModuleList:
         rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
-        return nn.ModuleList(Qwen3MoeDecoderLayer(cfg, i, rotary) for i in range(cfg.num_hidden_layers))
+        return nn.ModuleList(qwen3_moe_decoder_layer(cfg, i, rotary) for i in range(cfg.num_hidden_layers))
