@@ -15,7 +15,7 @@ import torch
 
 from krasis.common.engine import EngineConfig, EngineCore
 from krasis.common.models.deepseek_v2 import DeepseekV2Config, DeepseekV2ForCausalLM
-from krasis.common.sampling import SamplingParams
+from krasis.common.sampling_params import SamplingParams
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 GB = 1e9

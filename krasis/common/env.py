@@ -12,3 +12,9 @@ def krasis_home() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME")
     base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
     return base / "krasis"
+
+
+def quant_cache_root() -> Path:
+    """Where quantized weight caches are built: $KRASIS_CACHE_DIR, else <krasis home>/quant."""
+    override = os.environ.get("KRASIS_CACHE_DIR")
+    return Path(override).expanduser() if override else krasis_home() / "quant"

@@ -6,6 +6,7 @@ import sys
 import click
 
 from krasis.ctl.errors import user_errors
+from krasis.ctl.loading import WeightOptions
 
 
 @click.command()
@@ -24,24 +25,28 @@ from krasis.ctl.errors import user_errors
 @click.option("--stop", multiple=True, help="Stop string (repeatable); cut from the output.")
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past EOS tokens.")
 @click.option("--seed", type=int, help="Makes sampling reproducible.")
+@click.option("--quant", default="none", show_default=True, help="Experts: none, q8 or q4 (q4:g64, q8:channel...).")
+@click.option("--dense-quant", default="bf16", show_default=True, help="Attention, dense MLPs, lm_head: bf16, q8 or q4.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Quantized cache root [default: $KRASIS_CACHE_DIR].")
 @click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (ids, text, finish_reason) last.")
-def generate(model_dir, prompt, chat, system, dtype, device, as_json, **sampling):
+def generate(model_dir, prompt, chat, system, quant, dense_quant, cache_dir, dtype, device, as_json, **sampling):
     """Generate text from a prompt or a chat message, in this process."""
     with user_errors():
-        _run(model_dir, prompt, chat, system, dtype, device, as_json, sampling)
+        weights = WeightOptions(model_dir, dtype, device, quant, dense_quant, cache_dir)
+        _run(weights, prompt, chat, system, as_json, sampling)
 
 
-def _run(model_dir, prompt, chat, system, dtype, device, as_json, sampling):
+def _run(weights, prompt, chat, system, as_json, sampling):
     if (prompt is None) == (chat is None):
         raise click.UsageError("give exactly one of --prompt and --chat")
-    from krasis.ctl.loading import load_for_generation  # torch imports stay out of `--help`
+    from krasis.ctl.loading import load_for_generation
     from krasis.common.generation import engine_for, generate as run_generation
     from krasis.common.sampling import SamplingParams
 
     params = SamplingParams(stop=tuple(sampling.pop("stop")), **sampling)
-    model, tokenizer = load_for_generation(model_dir, dtype, device)
+    model, tokenizer = load_for_generation(weights)
     params.validate(model.config.vocab_size)
     if chat is not None:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": chat}]

@@ -3,6 +3,7 @@
 import click
 
 from krasis.ctl.generate import generate
+from krasis.ctl.prepare import prepare
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -12,3 +13,4 @@ def cli():
 
 
 cli.add_command(generate)
+cli.add_command(prepare)

@@ -73,7 +73,7 @@ def _deepseek_v2_config(vocab_size: int, overrides: dict):
     base = dict(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32, qk_nope_head_dim=16,
-        qk_rope_head_dim=8, v_head_dim=16, moe_intermediate_size=24, n_routed_experts=8,
+        qk_rope_head_dim=8, v_head_dim=16, moe_intermediate_size=32, n_routed_experts=8,
         n_shared_experts=2, num_experts_per_tok=3, max_position_embeddings=128,
         bos_token_id=None, eos_token_id=None, pad_token_id=None,
     )

@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from krasis.common.layers.mlp import activation
+from krasis.common.quant.cpu_kernels import quant_experts
+from krasis.common.quant.formats import QuantizedWeight
 
 _PER_EXPERT_KEY = re.compile(r"(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
 
@@ -19,8 +21,9 @@ class StackedExperts(nn.Module):
         self.num_experts, self.intermediate_size = num_experts, intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
-        self.act_fn = activation(hidden_act)
+        self.hidden_act, self.act_fn = hidden_act, activation(hidden_act)
         self._loaded: set[tuple[int, str]] = set()
+        self.quantized: dict[str, QuantizedWeight] = {}
 
     def load_checkpoint_tensor(self, key: str, tensor: torch.Tensor) -> bool:
         """Copy one checkpoint tensor (key relative to this module) in place; False if the key isn't ours."""
@@ -43,12 +46,22 @@ class StackedExperts(nn.Module):
         self._loaded.add((expert, part))
         return True
 
+    def use_quantized(self, name: str, weight: QuantizedWeight) -> None:
+        """Serve `gate_up_proj` or `down_proj` from a quantized weight (its float parameter goes away)."""
+        if name not in ("gate_up_proj", "down_proj") or tuple(getattr(self, name).shape) != weight.shape:
+            raise ValueError(f"experts.{name}: quantized shape {weight.shape} does not fit this layer")
+        del self._parameters[name]
+        self.quantized[name] = weight
+
     def missing_checkpoint_keys(self) -> list[str]:
         parts = ("gate_proj", "up_proj", "down_proj")
         return [f"{e}.{p}.weight" for e in range(self.num_experts) for p in parts if (e, p) not in self._loaded]
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         # x: [T, H]; topk_ids, topk_weights: [T, K]. Sums the K products in fp32 and rounds once, as the reference.
+        if self.quantized:
+            gate_up, down = self.quantized["gate_up_proj"], self.quantized["down_proj"]
+            return quant_experts(x, gate_up, down, topk_ids, topk_weights, self.hidden_act)
         out = torch.zeros_like(x, dtype=torch.float32)
         hit = torch.unique(topk_ids).tolist()
         for expert in hit:

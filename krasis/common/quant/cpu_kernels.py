@@ -1,0 +1,154 @@
+"""CPU decode kernels over q8/q4 weights: one linear, and a layer's whole routed-expert MoE in one call.
+
+The C++ extension (csrc/quant_kernels.cpp) is built on first use with -march=native into torch's
+extensions cache (torch's build lock keeps concurrent first uses to one build); if it cannot build,
+the same functions run as dequantize-then-matmul in torch, after a one-line warning.
+"""
+
+import functools
+import hashlib
+import platform
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from krasis.common.layers.mlp import activation
+from krasis.common.quant.formats import QuantizedWeight, dequantize
+
+FORMAT_CODES = {"q8": 0, "q4": 1}  # as Q8 / Q4 in the C++ source
+_SOURCE = Path(__file__).parent / "csrc" / "quant_kernels.cpp"
+_CPP_ACTIVATIONS = ("silu", "swish")
+
+
+def _cpu_tag() -> str:
+    """Names the build after the CPU model: a -march=native binary must not be loaded on another CPU."""
+    try:
+        model = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return hashlib.sha1(model.encode()).hexdigest()[:8]
+
+
+def build_extension(march: str = "native", defines: tuple[str, ...] = ()):
+    """Compile (or reuse the cached build of) the kernels for -march=`march`; returns their torch.ops namespace.
+
+    `defines` ("KRASIS_NR=8", ...) override the source's tuning constants, for benchmarks.
+    """
+    from torch.utils import cpp_extension
+
+    variant = hashlib.sha1(" ".join(defines).encode()).hexdigest()[:6] if defines else "default"
+    name = f"krasis_quant_{march.replace('-', '_')}_{_cpu_tag()}_{variant}"
+    flags = ["-O3", f"-march={march}", "-fopenmp", f"-DKRASIS_OPS_NS={name}", *(f"-D{d}" for d in defines)]
+    cpp_extension.load(
+        name=name, sources=[str(_SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+        is_python_module=False, verbose=False,
+    )
+    return getattr(torch.ops, name)
+
+
+@functools.cache
+def _ops():
+    """The compiled ops, built once per process; None when they cannot be built here."""
+    return _load_or_warn()
+
+
+def _load_or_warn():
+    try:
+        return build_extension()
+    except Exception as exc:  # noqa: BLE001 - any build failure means: use the torch path
+        reason = _first_error_line(str(exc)) or type(exc).__name__
+        warnings.warn(f"krasis: CPU quant kernels unavailable ({reason}); using dequantize-then-matmul", stacklevel=2)
+        return None
+
+
+def _first_error_line(text: str) -> str:
+    """The compiler's first `error:` line when there is one (the message starts with the whole command)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    errors = [line for line in lines if "error:" in line]
+    return (errors or lines or [""])[0][:200]
+
+
+def kernel_backend() -> str:
+    """"cpp-avx512", "cpp-avx2", "cpp-scalar", or "torch" when the extension could not be built."""
+    ops = _ops()
+    return "torch" if ops is None else f"cpp-{ops.isa()}"
+
+
+def quant_linear(x: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
+    """x: [M, K] bf16/fp32 on the CPU, qw: [N, K] -> [M, N] in x.dtype, accumulated in fp32."""
+    _check_x(x, qw, "quant_linear")
+    if len(qw.shape) != 2:
+        raise ValueError(f"quant_linear: weight {qw.shape} is not one [N, K] matrix")
+    ops = _ops()
+    if ops is None:
+        return torch_quant_linear(x, qw)
+    return ops.linear(x, qw.qweight, qw.scales, FORMAT_CODES[qw.spec.format], qw.spec.group_for(qw.shape[-1]))
+
+
+def quant_experts(
+    x: torch.Tensor,
+    gate_up: QuantizedWeight,
+    down: QuantizedWeight,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    act: str = "silu",
+) -> torch.Tensor:
+    """x: [T, H], gate_up: [E, 2I, H], down: [E, H, I], topk_*: [T, k] -> [T, H] in x.dtype.
+
+    For every (token, expert) pair down(act(gate) * up) * weight, summed over k in fp32. Pairs are
+    grouped by expert, so each selected expert's weights are read once for all its tokens.
+    """
+    _check_experts(x, gate_up, down, topk_ids, topk_weights)
+    ops = _ops() if act in _CPP_ACTIVATIONS else None
+    if ops is None:
+        return torch_quant_experts(x, gate_up, down, topk_ids, topk_weights, act)
+    return ops.experts(
+        x, gate_up.qweight, gate_up.scales, FORMAT_CODES[gate_up.spec.format], gate_up.spec.group_for(x.shape[1]),
+        down.qweight, down.scales, FORMAT_CODES[down.spec.format], down.spec.group_for(down.shape[-1]),
+        topk_ids, topk_weights,
+    )
+
+
+def torch_quant_linear(x: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
+    """The fallback: dequantize to fp32, then one fp32 matmul."""
+    return F.linear(x.float(), dequantize(qw)).to(x.dtype)
+
+
+def torch_quant_experts(x, gate_up, down, topk_ids, topk_weights, act: str = "silu") -> torch.Tensor:
+    """The fallback: per hit expert, dequantize its two matrices and run its tokens through them in fp32."""
+    act_fn, (num_experts, inter) = activation(act), (down.shape[0], down.shape[-1])
+    out = torch.zeros(x.shape, dtype=torch.float32)
+    hit = torch.unique(topk_ids).tolist()
+    if hit and not 0 <= hit[0] <= hit[-1] < num_experts:
+        raise ValueError(f"topk_ids holds expert {hit[0] if hit[0] < 0 else hit[-1]}; there are {num_experts}")
+    for expert in hit:
+        token_idx, slot = torch.where(topk_ids == expert)
+        h = F.linear(x[token_idx].float(), dequantize(gate_up[expert]))
+        y = F.linear(act_fn(h[:, :inter]) * h[:, inter:], dequantize(down[expert]))
+        out.index_add_(0, token_idx, y * topk_weights[token_idx, slot, None].float())
+    return out.to(x.dtype)
+
+
+def _check_x(x: torch.Tensor, qw: QuantizedWeight, what: str) -> None:
+    if x.dim() != 2 or x.shape[1] != qw.shape[-1]:
+        raise ValueError(f"{what}: x {tuple(x.shape)} does not match weight {qw.shape}: expected [M, {qw.shape[-1]}]")
+    if x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu":
+        raise ValueError(f"{what}: x must be a CPU fp32 or bf16 tensor, got {x.dtype} on {x.device}")
+
+
+def _check_experts(x, gate_up: QuantizedWeight, down: QuantizedWeight, topk_ids, topk_weights) -> None:
+    if len(gate_up.shape) != 3 or len(down.shape) != 3:
+        raise ValueError(f"quant_experts: gate_up {gate_up.shape} and down {down.shape} must be [E, N, K] stacks")
+    (num_experts, two_inter, hidden), inter = gate_up.shape, down.shape[-1]
+    if down.shape != (num_experts, hidden, inter) or two_inter != 2 * inter:
+        raise ValueError(
+            f"quant_experts: gate_up {gate_up.shape} and down {down.shape} are not [E, 2I, H] and [E, H, I]"
+        )
+    _check_x(x, gate_up, "quant_experts")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0] or topk_weights.shape != topk_ids.shape:
+        raise ValueError(
+            f"quant_experts: topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} "
+            f"must both be [T={x.shape[0]}, k]"
+        )

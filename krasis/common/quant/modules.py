@@ -1,0 +1,38 @@
+"""Model modules over quantized weights, and swapping a cache's quantized weights into a model."""
+
+import torch
+from torch import nn
+
+from krasis.common.layers.moe import StackedExperts
+from krasis.common.quant.cpu_kernels import quant_linear
+from krasis.common.quant.formats import QuantizedWeight
+
+
+class QuantLinear(nn.Module):
+    """nn.Linear's role over a QuantizedWeight [N, K], read by the CPU kernels in place (never copied)."""
+
+    def __init__(self, weight: QuantizedWeight, bias: nn.Parameter | None):
+        super().__init__()
+        self.weight_q = weight
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., K] -> [..., N]
+        out = quant_linear(x.reshape(-1, x.shape[-1]), self.weight_q).view(*x.shape[:-1], -1)
+        return out if self.bias is None else out + self.bias
+
+
+def swap_in_quantized(model: nn.Module, quantized: dict[str, QuantizedWeight]) -> None:
+    """Replace each named weight (`...q_proj.weight`, `...experts.gate_up_proj`) by its quantized form."""
+    for name, weight in quantized.items():
+        module_name, attr = name.rsplit(".", 1)
+        module = model.get_submodule(module_name)
+        if isinstance(module, nn.Linear) and attr == "weight":
+            if tuple(module.weight.shape) != weight.shape:
+                raise ValueError(f"{name}: quantized shape {weight.shape}, model expects {tuple(module.weight.shape)}")
+            parent, _, child = module_name.rpartition(".")
+            setattr(model.get_submodule(parent), child, QuantLinear(weight, module.bias))
+        elif isinstance(module, StackedExperts):
+            module.use_quantized(attr, weight)
+        else:
+            raise ValueError(f"{name}: the model has no linear or experts weight there to quantize")

@@ -1,0 +1,164 @@
+"""CPU quant kernels equal dequantize-then-matmul, for both formats, x dtypes and row counts."""
+
+import platform
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from krasis.common.quant import cpu_kernels
+from krasis.common.quant.cpu_kernels import kernel_backend, quant_experts, quant_linear
+from krasis.common.quant.formats import QuantSpec, dequantize, quantize
+
+SPECS = ["q8", "q8:channel", "q4", "q4:g128"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def make_weight(spec: str, shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return quantize(torch.randn(shape, generator=g) / shape[-1] ** 0.5, QuantSpec.parse(spec))
+
+
+def assert_close_to_fp64(actual, x, weight64, expected64):
+    """fp32 accumulation in any order is within K * 2^-24 * sum|x * w| of the exact sum; bf16 adds one rounding."""
+    bound = x.shape[-1] * 2**-24 * (x.double().abs() @ weight64.abs().T)
+    if actual.dtype == torch.bfloat16:
+        bound = bound + 2**-8 * expected64.abs()
+    assert ((actual.double() - expected64).abs() <= bound).all(), (actual.double() - expected64).abs().max()
+
+
+def test_kernel_backend_is_the_compiled_extension():
+    assert kernel_backend() in ("cpp-avx512", "cpp-avx2", "cpp-scalar")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("spec", SPECS)
+def test_quant_linear_equals_dequantized_matmul(spec, m, dtype):
+    qw = make_weight(spec, (70, 256))  # 70 rows: a ragged last row tile
+    x = torch.randn(m, 256, generator=torch.Generator().manual_seed(1)).to(DTYPES[dtype])
+    y = quant_linear(x, qw)
+    weight64 = dequantize(qw).double()
+    assert y.dtype == x.dtype and y.shape == (m, 70)
+    assert_close_to_fp64(y, x, weight64, x.double() @ weight64.T)
+
+
+def test_quant_linear_accepts_a_non_contiguous_x():
+    qw = make_weight("q4", (8, 128))
+    x = torch.randn(128, 4).T
+    weight64 = dequantize(qw).double()
+    assert_close_to_fp64(quant_linear(x, qw), x, weight64, x.double() @ weight64.T)
+
+
+def test_quant_linear_rejects_mismatched_x():
+    qw = make_weight("q8", (8, 128))
+    with pytest.raises(ValueError, match=r"x \(2, 64\) does not match weight \(8, 128\)"):
+        quant_linear(torch.randn(2, 64), qw)
+    with pytest.raises(ValueError, match="fp32 or bf16"):
+        quant_linear(torch.randn(2, 128, dtype=torch.float64), qw)
+
+
+def reference_experts(x, gate_up, down, topk_ids, topk_weights):
+    """Pair by pair in fp64: weight * down(silu(gate x) * up x), summed over the k slots."""
+    gu64, dn64 = dequantize(gate_up).double(), dequantize(down).double()
+    inter = dn64.shape[-1]
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for e, w in zip(topk_ids[t].tolist(), topk_weights[t].double().tolist()):
+            h = gu64[e] @ x[t].double()
+            out[t] += w * (dn64[e] @ (F.silu(h[:inter]) * h[inter:]))
+    return out
+
+
+EXPERT_ROUTES = {
+    # experts 1 and 2 are hit by three tokens, token 2's experts (5, 6, 7) by no other token
+    "shared_and_private": [[1, 2, 3], [2, 1, 4], [5, 6, 7], [0, 1, 2]],
+    "single_token": [[3, 0, 6]],
+    "all_tokens_one_expert": [[4], [4], [4], [4], [4], [4]],  # more tokens than a tile's rows
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("specs", [("q4", "q4"), ("q8", "q8"), ("q8:channel", "q4:g64")])
+@pytest.mark.parametrize("route", EXPERT_ROUTES)
+def test_quant_experts_equals_per_expert_reference(route, specs, dtype):
+    num_experts, hidden, inter = 8, 256, 128
+    gate_up = make_weight(specs[0], (num_experts, 2 * inter, hidden), seed=2)
+    down = make_weight(specs[1], (num_experts, hidden, inter), seed=3)
+    topk_ids = torch.tensor(EXPERT_ROUTES[route])
+    g = torch.Generator().manual_seed(4)
+    topk_weights = torch.rand(topk_ids.shape, generator=g)
+    x = torch.randn(topk_ids.shape[0], hidden, generator=g).to(DTYPES[dtype])
+    y = quant_experts(x, gate_up, down, topk_ids, topk_weights)
+    expected = reference_experts(x, gate_up, down, topk_ids, topk_weights)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    # Two fp32 matmuls and an fp32 activation in between; a wrong expert, token or weight is off by O(1).
+    tolerance = (2e-5 if dtype == "fp32" else 2**-8) * expected.abs().max()
+    assert (y.double() - expected).abs().max() <= tolerance
+
+
+def test_quant_experts_over_many_random_tokens():
+    num_experts, hidden, inter, tokens, top_k = 16, 128, 96, 16, 4
+    gate_up = make_weight("q4", (num_experts, 2 * inter, hidden), seed=5)
+    down = make_weight("q4", (num_experts, hidden, inter), seed=6)
+    g = torch.Generator().manual_seed(7)
+    topk_ids = torch.stack([torch.randperm(num_experts, generator=g)[:top_k] for _ in range(tokens)])
+    topk_weights = torch.softmax(torch.randn(tokens, top_k, generator=g), dim=-1)
+    x = torch.randn(tokens, hidden, generator=g)
+    expected = reference_experts(x, gate_up, down, topk_ids, topk_weights)
+    y = quant_experts(x, gate_up, down, topk_ids, topk_weights)
+    assert (y.double() - expected).abs().max() <= 2e-5 * expected.abs().max()
+
+
+@pytest.mark.parametrize("use_torch", [False, True])
+def test_quant_experts_rejects_unknown_expert(use_torch, monkeypatch):
+    if use_torch:
+        monkeypatch.setattr(cpu_kernels, "_ops", lambda: None)
+    gate_up, down = make_weight("q4", (4, 64, 64)), make_weight("q4", (4, 64, 32))
+    with pytest.raises(ValueError, match="expert 4; there are 4"):
+        quant_experts(torch.randn(1, 64), gate_up, down, torch.tensor([[0, 4]]), torch.ones(1, 2))
+
+
+def test_quant_experts_rejects_mismatched_stacks():
+    gate_up, down = make_weight("q4", (4, 64, 64)), make_weight("q4", (3, 64, 32))
+    with pytest.raises(ValueError, match=r"\[E, 2I, H\] and \[E, H, I\]"):
+        quant_experts(torch.randn(1, 64), gate_up, down, torch.tensor([[0]]), torch.ones(1, 1))
+
+
+def test_torch_fallback_gives_the_same_results(monkeypatch):
+    qw = make_weight("q4", (40, 128))
+    gate_up, down = make_weight("q8", (6, 128, 128)), make_weight("q4", (6, 128, 64))
+    x = torch.randn(5, 128)
+    topk_ids, topk_weights = torch.tensor([[0, 1], [1, 2], [3, 4], [1, 5], [0, 2]]), torch.rand(5, 2)
+    compiled = quant_linear(x, qw), quant_experts(x, gate_up, down, topk_ids, topk_weights)
+    monkeypatch.setattr(cpu_kernels, "_ops", lambda: None)
+    assert kernel_backend() == "torch"
+    fallback = quant_linear(x, qw), quant_experts(x, gate_up, down, topk_ids, topk_weights)
+    for a, b in zip(compiled, fallback):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+def test_failed_build_warns_in_one_line_and_falls_back(monkeypatch):
+    def failing_build(march="native"):
+        raise RuntimeError("Error building extension 'k': [1/2] c++ -O3 -march=native k.cpp\nk.cpp:1:1: error: boom")
+
+    monkeypatch.setattr(cpu_kernels, "build_extension", failing_build)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cpu_kernels._load_or_warn() is None
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "\n" not in message and "error: boom" in message and "dequantize-then-matmul" in message
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="builds for the x86-64 baseline")
+def test_portable_build_uses_scalar_path_and_matches():
+    ops = cpu_kernels.build_extension(march="x86-64")  # no AVX2: the scalar path, as on any other CPU
+    assert ops.isa() == "scalar"
+    qw = make_weight("q4", (70, 256))
+    x = torch.randn(3, 256)
+    y = ops.linear(x, qw.qweight, qw.scales, cpu_kernels.FORMAT_CODES["q4"], 32)
+    weight64 = dequantize(qw).double()
+    assert_close_to_fp64(y, x, weight64, x.double() @ weight64.T)
