@@ -4,6 +4,7 @@ import click
 
 from krasis.ctl.generate import generate
 from krasis.ctl.prepare import prepare
+from krasis.ctl.serve import serve
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -14,3 +15,4 @@ def cli():
 
 cli.add_command(generate)
 cli.add_command(prepare)
+cli.add_command(serve)

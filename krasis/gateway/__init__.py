@@ -1,1 +1,1 @@
-"""HTTP gateway: OpenAI API, scheduling client (planned: issue 4)."""
+"""HTTP gateway: the OpenAI API in front of an engine client (in-process today; ZeroMQ pipeline planned)."""
