@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from krasis.common.quant import cache as cache_module
+from krasis.common.quant import cache_build as build_module
 from krasis.common.quant.cache import HEADER_FILE, CacheError, ensure_cache, open_cache
 from krasis.common.quant.formats import quantize
 from krasis.common.quant.plan import QuantPlan, plan_items, role_of
@@ -107,7 +107,7 @@ def test_per_expert_and_stacked_sources_give_the_same_cache(tmp_path):
 def test_second_ensure_cache_reuses_the_cache_untouched(model_dir, tmp_path, monkeypatch):
     path = ensure_cache(model_dir, PLAN, tmp_path / "cache", progress=False)
     before = file_stats(path)
-    monkeypatch.setattr(cache_module, "build_cache", lambda *a, **k: pytest.fail("rebuilt a valid cache"))
+    monkeypatch.setattr(build_module, "build_cache", lambda *a, **k: pytest.fail("rebuilt a valid cache"))
     assert ensure_cache(model_dir, PLAN, tmp_path / "cache", progress=False) == path
     open_cache(path, model_dir)
     assert file_stats(path) == before
@@ -115,7 +115,7 @@ def test_second_ensure_cache_reuses_the_cache_untouched(model_dir, tmp_path, mon
 
 def build_in_child(model_dir: Path, root: Path, log: Path, barrier) -> None:
     """A separate process starting on the same checkpoint; logs each build it runs."""
-    original = cache_module.build_cache
+    original = build_module.build_cache
 
     def logged_build(*args, **kwargs):
         with open(log, "a") as f:
@@ -123,7 +123,7 @@ def build_in_child(model_dir: Path, root: Path, log: Path, barrier) -> None:
         time.sleep(0.5)  # long enough for the other process to reach the lock
         return original(*args, **kwargs)
 
-    cache_module.build_cache = logged_build
+    build_module.build_cache = logged_build
     barrier.wait()
     ensure_cache(model_dir, PLAN, root, progress=False)
 

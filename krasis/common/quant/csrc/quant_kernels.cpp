@@ -30,7 +30,7 @@ constexpr int Q8 = 0, Q4 = 1;  // format codes, as cpu_kernels.FORMAT_CODES
 // values_q8/values_q4 return vector v of the 32-element chunk at p as floats q (q4: u - 8), unscaled.
 #if defined(__AVX512F__)
 constexpr const char* ISA = "avx512";
-constexpr int W = 16, NR_DEFAULT = 4, PREFETCH_DEFAULT = 512;
+constexpr int W = 16, NR_DEFAULT = 4, PREFETCH_DEFAULT = -1;
 using vf = __m512;
 inline vf vzero() { return _mm512_setzero_ps(); }
 inline vf vset1(float a) { return _mm512_set1_ps(a); }
@@ -92,7 +92,7 @@ constexpr int NR = KRASIS_NR;  // weight rows per tile: independent memory strea
 constexpr int NR = NR_DEFAULT;
 #endif
 #ifdef KRASIS_PREFETCH
-constexpr int PREFETCH = KRASIS_PREFETCH;  // bytes ahead of each weight row to prefetch; 0: none
+constexpr int PREFETCH = KRASIS_PREFETCH;  // bytes ahead of each weight row to prefetch; 0: none, -1: next tile
 #else
 constexpr int PREFETCH = PREFETCH_DEFAULT;
 #endif
@@ -126,7 +126,7 @@ inline vf values(const uint8_t* p, int v) { return FMT == Q8 ? values_q8(p, v) :
 // Several: scale each weight vector once, then FMA it into every row (the multiply is shared).
 template <int FMT, int R, int M>
 inline void group_tile(const uint8_t* const* q, const float (&scales)[R][SCALE_BLOCK], int64_t g, int64_t k0,
-                       int64_t group, const float* const* x, vf (&acc)[R][M]) {
+                       int64_t group, int64_t tile_bytes, const float* const* x, vf (&acc)[R][M]) {
   constexpr int A = R >= 4 || VPC < 2 ? 1 : 2;
   vf part[R][A];
   for (int r = 0; r < R; ++r)
@@ -134,8 +134,9 @@ inline void group_tile(const uint8_t* const* q, const float (&scales)[R][SCALE_B
   for (int64_t k = k0; k < k0 + group; k += CHUNK) {
     const uint8_t* p[R];
     for (int r = 0; r < R; ++r) p[r] = q[r] + k / CHUNK * chunk_bytes<FMT>();
-    if (PREFETCH > 0 && k / CHUNK * chunk_bytes<FMT>() % 64 == 0)
-      for (int r = 0; r < R; ++r) __builtin_prefetch(p[r] + PREFETCH);
+    // The same bytes of the next tile (R rows on): the hardware prefetchers stop at 4 KB pages.
+    if (PREFETCH != 0 && k / CHUNK * chunk_bytes<FMT>() % 64 == 0)
+      for (int r = 0; r < R; ++r) __builtin_prefetch(p[r] + (PREFETCH > 0 ? PREFETCH : tile_bytes));
     for (int v = 0; v < VPC; ++v) {
       if (M == 1) {
         const vf xv = vload(x[0] + k + v * W);
@@ -175,7 +176,8 @@ void tile(const QMatrix& w, int64_t n0, const float* const* x, float* const* y) 
     const int64_t groups = std::min(SCALE_BLOCK, w.s_row - g0);
     for (int r = 0; r < R; ++r)
       for (int64_t g = 0; g < groups; ++g) scales[r][g] = bf16_to_float(s[r][g0 + g]);
-    for (int64_t g = 0; g < groups; ++g) group_tile<FMT, R, M>(q, scales, g, (g0 + g) * w.group, w.group, x, acc);
+    for (int64_t g = 0; g < groups; ++g)
+      group_tile<FMT, R, M>(q, scales, g, (g0 + g) * w.group, w.group, R * w.q_row, x, acc);
   }
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) y[m][r] = vsum(acc[r][m]);
