@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from krasis.common.kv_cache import ForwardBatch, KVCache, SequenceSlice
+from krasis.common.kv_cache import ForwardBatch, KVCache, PageAllocator, SequenceSlice
 from krasis.common.protocol import FinishReason
 from krasis.common.sampling import SamplingParams, SequenceSampler, sample
 
@@ -49,7 +49,8 @@ class EngineCore:
         self.model, self.config, self.eos_token_ids, self.vocab_size = model, config, eos_token_ids, vocab_size
         self.device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
-        self.kv = KVCache(model.kv_widths, config.kv_pages, config.page_size, dtype, self.device)
+        self.kv = KVCache.allocate(model.kv_widths, config.kv_pages, config.page_size, dtype, self.device)
+        self.allocator = PageAllocator(config.kv_pages)
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
 
@@ -71,7 +72,7 @@ class EngineCore:
         for queue in (self.waiting, self.running):
             for seq in [s for s in queue if s.request_id == request_id]:
                 queue.remove(seq)
-                self.kv.allocator.free(seq.page_table)
+                self.allocator.free(seq.page_table)
 
     @property
     def has_work(self) -> bool:
@@ -85,9 +86,9 @@ class EngineCore:
         while self.waiting:
             seq = self.waiting[0]
             pages = self.kv.pages_for(self._reserved_tokens(seq.num_prompt_tokens, seq.params))
-            if pages > self.kv.allocator.num_free:
+            if pages > self.allocator.num_free:
                 return
-            seq.page_table = self.kv.allocator.allocate(pages)
+            seq.page_table = self.allocator.allocate(pages)
             self.running.append(self.waiting.pop(0))
 
     def _schedule(self) -> list[tuple[Sequence, int]]:
@@ -148,4 +149,4 @@ class EngineCore:
 
     def _finish(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.kv.allocator.free(seq.page_table)
+        self.allocator.free(seq.page_table)

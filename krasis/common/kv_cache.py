@@ -33,12 +33,18 @@ class KVCache:
     """One [num_pages * page_size, width] tensor per layer; a token's slot is page * page_size + offset.
 
     Each attention layer decides its width and what it stores (GQA: K and V heads; MLA: the latent and k_pe).
+    The tensors may live anywhere (process memory, a shared-memory pool); pages are handed out by the
+    scheduler's PageAllocator, never here, so every process viewing one pool agrees on who owns a page.
     """
 
-    def __init__(self, layer_widths: list[int], num_pages: int, page_size: int, dtype, device):
-        self.page_size, self.num_pages = page_size, num_pages
-        self.layers = [torch.zeros(num_pages * page_size, w, dtype=dtype, device=device) for w in layer_widths]
-        self.allocator = PageAllocator(num_pages)
+    def __init__(self, layers: list[torch.Tensor], page_size: int):
+        self.layers, self.page_size = layers, page_size
+        self.num_pages = layers[0].shape[0] // page_size if layers else 0
+
+    @classmethod
+    def allocate(cls, layer_widths: list[int], num_pages: int, page_size: int, dtype, device) -> "KVCache":
+        """A pool in this process's memory."""
+        return cls([torch.zeros(num_pages * page_size, w, dtype=dtype, device=device) for w in layer_widths], page_size)
 
     def pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_size)

@@ -148,7 +148,7 @@ class InProcessEngineClient(EngineClient):
         return EngineStats(
             running=len(self.engine.running),
             waiting=len(self._pending) + len(self.engine.waiting),
-            kv_pages_in_use=kv.num_pages - kv.allocator.num_free,
+            kv_pages_in_use=kv.num_pages - self.engine.allocator.num_free,
             kv_pages_total=kv.num_pages,
             prefill_tokens=self._prefill.total,
             decode_tokens=self._decode.total,

@@ -12,8 +12,8 @@ class SingleSequence:
         param = next(model.parameters())
         pages = -(-max_tokens // page_size)
         self.model, self.device = model, param.device
-        self.kv = KVCache(model.kv_widths, pages, page_size, param.dtype, param.device)
-        self.page_table = self.kv.allocator.allocate(pages)
+        self.kv = KVCache.allocate(model.kv_widths, pages, page_size, param.dtype, param.device)
+        self.page_table = list(range(pages))
         self.num_cached = 0
 
     @torch.inference_mode()

@@ -75,4 +75,4 @@ def test_max_tokens_ends_with_length(ours):
     while core.has_work:
         events += core.step()
     assert len(events) == 3 and events[-1].finish_reason == FinishReason.LENGTH
-    assert core.kv.allocator.num_free == core.kv.num_pages, "finished sequences must free their KV pages"
+    assert core.allocator.num_free == core.kv.num_pages, "finished sequences must free their KV pages"

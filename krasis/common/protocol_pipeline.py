@@ -1,0 +1,178 @@
+"""Messages of the serving pipeline (gateway, GPU prefill worker, CPU decode pool, supervisor), by channel.
+
+Types only (STYLE.md rule 1). `krasis.common.wire` turns them into msgpack frames and back, checking every
+field against the annotations here: keep annotations to int, float, bool, str, IntEnum, torch.Tensor,
+list[X], tuple[X, ...], X | None and nested dataclasses. Fields travel by position: append, don't reorder.
+"""
+
+import enum
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from krasis.common.protocol import FinishReason
+from krasis.common.sampling import TokenLogprobs
+from krasis.common.sampling_params import SamplingParams
+
+
+class MessageType(enum.IntEnum):
+    """The wire tag of each message: the first element of its msgpack array."""
+
+    ADD_REQUEST = 1
+    ABORT_REQUEST = 2
+    HAND_OFF = 3
+    TOKEN_BATCH = 4
+    REQUEST_FAILED = 5
+    WORKER_READY = 6
+    WORKER_ERROR = 7
+    HEARTBEAT = 8
+    SHUTDOWN = 9
+
+
+class WorkerRole(enum.IntEnum):
+    """Which kind of worker a process is; str() is the name used in process titles."""
+
+    GPU_PREFILL = 1
+    CPU_DECODE = 2
+
+    def __str__(self) -> str:
+        return {WorkerRole.GPU_PREFILL: "gpu-prefill", WorkerRole.CPU_DECODE: "cpu-decode"}[self]
+
+
+# --- gateway -> GPU prefill worker (AbortRequest also gateway -> CPU decode pool) ---
+
+
+@dataclass(frozen=True)
+class AddRequest:
+    """Prefill a prompt into the KV pages the gateway reserved (prompt + max_tokens), then hand it to decode.
+
+    `sampling.seed` is resolved by the gateway (never None) so prefill and decode draw from the same stream.
+    """
+
+    TAG: ClassVar[MessageType] = MessageType.ADD_REQUEST
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    page_table: list[int]
+
+
+@dataclass(frozen=True)
+class AbortRequest:
+    """Stop a sequence wherever it is and forget it (the gateway frees its pages); unknown ids are ignored."""
+
+    TAG: ClassVar[MessageType] = MessageType.ABORT_REQUEST
+    request_id: str
+
+
+# --- GPU prefill worker -> CPU decode pool ---
+
+
+@dataclass(frozen=True)
+class HandOff:
+    """A prefilled sequence joins the decode batch: KV of all tokens but the last is in `page_table`.
+
+    token_ids = prompt + the first sampled token (already streamed to the gateway by the prefill worker),
+    which with `sampling` (seed resolved) is all a `SequenceSampler` needs to continue the same stream.
+    kv_layers: per attention layer [len(token_ids) - 1, width], only for a decode pool on another host
+    (no shared KV pool there); empty on one host.
+    """
+
+    TAG: ClassVar[MessageType] = MessageType.HAND_OFF
+    request_id: str
+    token_ids: list[int]
+    num_prompt_tokens: int
+    page_table: list[int]
+    sampling: SamplingParams
+    kv_layers: list[torch.Tensor]
+
+
+# --- GPU prefill worker and CPU decode pool -> gateway ---
+
+
+@dataclass(frozen=True)
+class TokenOut:
+    """One entry of a TokenBatch: the engine's TokenEvent plus its position in the output.
+
+    `index` (0-based output position; the token count so far for an end without a token) lets the gateway
+    put the prefill worker's first token before the decode pool's next ones: they come over different pipes.
+    """
+
+    request_id: str
+    index: int
+    token_id: int | None  # None: the sequence ended without a token (EOS is not emitted)
+    finish_reason: FinishReason | None
+    logprobs: TokenLogprobs | None
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """Every token a worker produced in one step, in one message."""
+
+    TAG: ClassVar[MessageType] = MessageType.TOKEN_BATCH
+    events: list[TokenOut]
+
+
+@dataclass(frozen=True)
+class RequestFailed:
+    """One request could not run on a worker (bad prompt, out of KV pages...); it alone ends, with `message`."""
+
+    TAG: ClassVar[MessageType] = MessageType.REQUEST_FAILED
+    request_id: str
+    message: str
+
+
+# --- workers -> supervisor ---
+
+
+@dataclass(frozen=True)
+class WorkerReady:
+    """A worker has loaded its weights and serves; the gateway opens only once every worker said so."""
+
+    TAG: ClassVar[MessageType] = MessageType.WORKER_READY
+    role: WorkerRole
+    index: int
+    pid: int
+    threads: int  # compute threads it runs
+    cpus: list[int]  # CPU ids it is pinned to
+    kv_pages: int  # pages of the shared KV pool it can address
+    device: str  # "cuda:0", "cpu", ...
+
+
+@dataclass(frozen=True)
+class WorkerError:
+    """A worker hit an error it cannot recover from; it exits after sending this."""
+
+    TAG: ClassVar[MessageType] = MessageType.WORKER_ERROR
+    role: WorkerRole
+    index: int
+    message: str
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """Sent periodically while alive: steps run so far and sequences in its running batch."""
+
+    TAG: ClassVar[MessageType] = MessageType.HEARTBEAT
+    role: WorkerRole
+    index: int
+    step: int
+    running: int
+
+
+# --- supervisor -> worker ---
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """Stop taking work, release shared memory and exit."""
+
+    TAG: ClassVar[MessageType] = MessageType.SHUTDOWN
+
+
+MESSAGES = (
+    AddRequest, AbortRequest, HandOff, TokenBatch, RequestFailed, WorkerReady, WorkerError, Heartbeat, Shutdown
+)
+Message = (
+    AddRequest | AbortRequest | HandOff | TokenBatch | RequestFailed | WorkerReady | WorkerError | Heartbeat | Shutdown
+)

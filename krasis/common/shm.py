@@ -1,0 +1,301 @@
+"""A paged KV pool in POSIX shared memory: the GPU prefill worker writes prompt KV, CPU decode workers read it in place.
+
+One segment, /dev/shm/<prefix>-<owner pid>-<token>, holds every layer's [num_pages * page_size, width] region at a
+page-aligned offset. The owner creates and unlinks it; other processes attach from a KVPoolDescriptor. Page
+allocation is not here: one scheduler owns the PageAllocator and tells workers which pages a sequence uses.
+"""
+
+import atexit
+import errno
+import mmap
+import os
+import re
+import secrets
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+SHM_DIR = Path("/dev/shm")
+_ALIGN = 4096  # page-aligned layer regions: each can be advised or host-registered (CUDA) on its own
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1, "int8": 1, "uint8": 1}
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,200}")  # a plain file name: no '/', no leading '.'
+_OWNER_AND_TOKEN = re.compile(r"(\d+)-[0-9a-f]{8}")
+
+
+class SharedMemoryFull(RuntimeError):
+    """/dev/shm cannot hold the KV pool asked for."""
+
+
+@dataclass(frozen=True)
+class KVPoolDescriptor:
+    """Everything another process needs to attach a pool; `as_dict()` is msgpack-able."""
+
+    name: str  # file name under /dev/shm
+    dtype: str  # torch dtype name: "bfloat16", "float32", ...
+    page_size: int
+    num_pages: int
+    layer_widths: tuple[int, ...]
+    layer_offsets: tuple[int, ...]  # byte offset of each layer's region in the segment
+    size: int  # bytes of the whole segment
+
+    @property
+    def rows(self) -> int:
+        return self.num_pages * self.page_size
+
+    def as_dict(self) -> dict:
+        return {
+            "name": self.name, "dtype": self.dtype, "page_size": self.page_size, "num_pages": self.num_pages,
+            "layer_widths": list(self.layer_widths), "layer_offsets": list(self.layer_offsets), "size": self.size,
+        }  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, fields: dict) -> "KVPoolDescriptor":
+        """Rebuild and validate a descriptor that came over the wire; anything wrong is a ValueError."""
+        try:
+            descriptor = cls(
+                str(fields["name"]), str(fields["dtype"]), int(fields["page_size"]), int(fields["num_pages"]),
+                tuple(int(w) for w in fields["layer_widths"]), tuple(int(o) for o in fields["layer_offsets"]),
+                int(fields["size"]),
+            )  # fmt: skip
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"malformed KV pool descriptor: {exc!r}") from None
+        _check(descriptor)
+        return descriptor
+
+
+def _layout(widths: tuple[int, ...], rows: int, itemsize: int) -> tuple[tuple[int, ...], int]:
+    """(byte offset of each layer, segment size), each region starting on an _ALIGN boundary."""
+    offsets, end = [], 0
+    for width in widths:
+        offsets.append(end)
+        end += -(-rows * width * itemsize // _ALIGN) * _ALIGN
+    return tuple(offsets), end
+
+
+def _check(d: KVPoolDescriptor) -> None:
+    if not _NAME.fullmatch(d.name):
+        raise ValueError(f"bad KV pool name {d.name!r}")
+    if d.dtype not in _DTYPE_BYTES:
+        raise ValueError(f"KV pool dtype {d.dtype!r} is not one of {sorted(_DTYPE_BYTES)}")
+    if d.page_size < 1 or d.num_pages < 1 or not d.layer_widths or min(d.layer_widths) < 1:
+        raise ValueError(f"KV pool needs page_size, num_pages and every layer width >= 1, got {d}")
+    if (d.layer_offsets, d.size) != _layout(d.layer_widths, d.rows, _DTYPE_BYTES[d.dtype]):
+        raise ValueError(f"KV pool {d.name}: offsets/size do not match its widths, pages and dtype")
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")  # a torch.dtype or its name, without importing torch
+
+
+class SharedKVPool:
+    """One process's mapping of a KV pool segment; `layers` are [num_pages * page_size, width] tensors on it."""
+
+    def __init__(self, descriptor: KVPoolDescriptor, mapping: mmap.mmap, owner_pid: int | None):
+        self.descriptor, self._mapping, self._owner_pid = descriptor, mapping, owner_pid
+        self._layers: list | None = None
+
+    num_pages = property(lambda self: self.descriptor.num_pages)
+    page_size = property(lambda self: self.descriptor.page_size)
+    is_owner = property(lambda self: self._owner_pid == os.getpid())  # not a forked child of the owner
+
+    @classmethod
+    def create(cls, name_prefix: str, layer_widths, num_pages: int, page_size: int, dtype, reserve: bool = True):
+        """Create and map a new segment owned by this process: unlinked on close(), on SIGTERM and at exit.
+
+        `reserve` claims the memory now (posix_fallocate), so a full /dev/shm fails here, not as SIGBUS on a write.
+        """
+        if not _NAME.fullmatch(name_prefix):
+            raise ValueError(f"bad KV pool name prefix {name_prefix!r}")
+        dtype, widths = _dtype_name(dtype), tuple(int(w) for w in layer_widths)
+        offsets, size = _layout(widths, num_pages * page_size, _DTYPE_BYTES.get(dtype, 1))
+        name = f"{name_prefix}-{os.getpid()}-{secrets.token_hex(4)}"
+        descriptor = KVPoolDescriptor(name, dtype, page_size, num_pages, widths, offsets, size)
+        _check(descriptor)
+        _check_space(size)
+        _track_owned(SHM_DIR / name)
+        try:
+            mapping = _create_segment(SHM_DIR / name, size, reserve)
+        except BaseException:
+            _owned.pop(str(SHM_DIR / name), None)
+            raise
+        return cls(descriptor, mapping, os.getpid())
+
+    @classmethod
+    def attach(cls, descriptor: "KVPoolDescriptor | dict") -> "SharedKVPool":
+        """Map an existing pool, from its descriptor or the descriptor's dict (as it arrives over msgpack)."""
+        if isinstance(descriptor, dict):
+            descriptor = KVPoolDescriptor.from_dict(descriptor)
+        _check(descriptor)
+        try:
+            fd = os.open(SHM_DIR / descriptor.name, os.O_RDWR)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"KV pool {descriptor.name} is gone: its owner exited or unlinked it") from None
+        try:
+            actual = os.fstat(fd).st_size
+            if actual != descriptor.size:
+                raise ValueError(f"KV pool {descriptor.name} is {actual} bytes; its descriptor says {descriptor.size}")
+            return cls(descriptor, mmap.mmap(fd, descriptor.size), owner_pid=None)
+        finally:
+            os.close(fd)
+
+    @property
+    def layers(self) -> list:
+        """[num_pages * page_size, width] tensors viewing the segment, one per layer (built on first use)."""
+        if self._mapping is None:
+            raise ValueError(f"KV pool {self.descriptor.name} is closed")
+        if self._layers is None:
+            self._layers = _tensor_views(self.descriptor, self._mapping)
+        return self._layers
+
+    def close(self) -> None:
+        """Detach (the owner also unlinks). Tensors still in use keep the mapping alive until they are freed."""
+        self._layers = None
+        if self._mapping is not None:
+            try:
+                self._mapping.close()
+            except BufferError:
+                pass  # live tensors still view it; the memory unmaps with the last of them
+            self._mapping = None
+        if self.is_owner:
+            self.unlink()
+
+    def unlink(self) -> None:
+        """Remove the segment's name (owner only); processes that have it mapped keep using it."""
+        if not self.is_owner:
+            raise RuntimeError(f"only the owner of KV pool {self.descriptor.name} may unlink it")
+        _unlink(SHM_DIR / self.descriptor.name)
+
+    def __enter__(self) -> "SharedKVPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _tensor_views(descriptor: KVPoolDescriptor, mapping: mmap.mmap) -> list:
+    # torch here, not at the top: the owner (the scheduler) needs the segment, not tensors, and torch is slow to import.
+    import torch
+
+    dtype, buffer, views = getattr(torch, descriptor.dtype), memoryview(mapping), []
+    for width, offset in zip(descriptor.layer_widths, descriptor.layer_offsets):
+        nbytes = descriptor.rows * width * _DTYPE_BYTES[descriptor.dtype]
+        # A memoryview slice, not the mmap: torch holds it, and its export stops mmap.close() under a live tensor.
+        raw = torch.frombuffer(buffer[offset : offset + nbytes], dtype=torch.uint8)
+        views.append(raw.view(dtype).view(descriptor.rows, width))
+    return views
+
+
+def shared_kv_cache(pool: SharedKVPool):
+    """A KVCache whose layers are the pool's shared tensors (pages are allocated by the scheduler)."""
+    from krasis.common.kv_cache import KVCache  # lazily, like torch, which it imports
+
+    return KVCache(pool.layers, pool.page_size)
+
+
+def _check_space(size: int) -> None:
+    stat = os.statvfs(SHM_DIR)
+    free = stat.f_bavail * stat.f_frsize
+    if size > free:
+        raise SharedMemoryFull(_space_message(size, free))
+
+
+def _space_message(size: int, free: int) -> str:
+    return (
+        f"the KV pool needs {size / 2**30:.2f} GiB of shared memory but {SHM_DIR} has {free / 2**30:.2f} GiB free; "
+        "use fewer KV pages or enlarge it (`mount -o remount,size=...`, or `--shm-size` in Docker)"
+    )
+
+
+def _create_segment(path: Path, size: int, reserve: bool) -> mmap.mmap:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        if reserve:
+            os.posix_fallocate(fd, 0, size)
+        return mmap.mmap(fd, size)
+    except OSError as exc:
+        os.unlink(path)
+        if exc.errno == errno.ENOSPC:
+            stat = os.statvfs(SHM_DIR)
+            raise SharedMemoryFull(_space_message(size, stat.f_bavail * stat.f_frsize)) from exc
+        raise
+    finally:
+        os.close(fd)
+
+
+# Segments this process owns, path -> owner pid, removed at exit and on SIGTERM. Plain files and no
+# multiprocessing.shared_memory: its resource_tracker unlinks (and warns about) segments that attaching
+# processes merely mapped, on Python < 3.13.
+_owned: dict[str, int] = {}
+_previous_sigterm = None
+_sigterm_hooked = False
+
+
+def _track_owned(path: Path) -> None:
+    _owned[str(path)] = os.getpid()
+    _hook_sigterm()
+
+
+def _unlink(path: Path) -> None:
+    _owned.pop(str(path), None)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+@atexit.register
+def _remove_owned_segments() -> None:
+    for path, pid in list(_owned.items()):
+        if pid == os.getpid():
+            _unlink(Path(path))
+
+
+def _hook_sigterm() -> None:
+    """Unlink owned segments on SIGTERM, then do what SIGTERM did before (default: die of it)."""
+    global _previous_sigterm, _sigterm_hooked
+    if _sigterm_hooked or threading.current_thread() is not threading.main_thread():
+        return  # handlers can only be set from the main thread; atexit still covers normal exits
+    _previous_sigterm = signal.signal(signal.SIGTERM, _on_sigterm)
+    _sigterm_hooked = True
+
+
+def _on_sigterm(signum, frame) -> None:
+    _remove_owned_segments()
+    previous = _previous_sigterm
+    if callable(previous):
+        previous(signum, frame)
+    elif previous != signal.SIG_IGN:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def cleanup_stale(prefix: str) -> list[str]:
+    """Remove segments `<prefix>-<pid>-<token>` whose owner pid is gone; returns the names removed.
+
+    Pids are judged in this pid namespace: run it where the owners ran (a container has its own /dev/shm).
+    """
+    if not _NAME.fullmatch(prefix):
+        raise ValueError(f"bad KV pool name prefix {prefix!r}")
+    removed = []
+    for path in sorted(SHM_DIR.glob(f"{prefix}-*")):
+        match = _OWNER_AND_TOKEN.fullmatch(path.name[len(prefix) + 1 :])
+        if match and not _pid_alive(int(match.group(1))):
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return True
+    return stat.rsplit(b")", 1)[1].split()[:1] != [b"Z"]  # a zombie has exited; only its parent has not reaped it
