@@ -2,7 +2,8 @@
 
 Per format, expert shape and rows M: krasis quant_linear, torch's `_weight_int8pack_mm` and bf16
 F.linear, each cycling over enough copies of the weight (random bytes) that every call reads
-from memory, not cache; then quant_experts over DeepSeek-V2-Lite-shaped layers (64 experts, top-6).
+from memory, not cache; one large matrix, whose calls are long enough that the ~10 us cost of a
+call vanishes; then quant_experts over DeepSeek-V2-Lite-shaped layers (64 experts, top-6).
 """
 
 import argparse
@@ -18,9 +19,10 @@ import torch.nn.functional as F
 
 from decode_cpu import read_bandwidth  # bench/ is sys.path[0] when run as `python bench/kernels.py`
 from krasis.common.quant.cpu_kernels import kernel_backend, quant_experts, quant_linear
-from krasis.common.quant.formats import QuantizedWeight, QuantSpec
+from krasis.common.quant.formats import QuantizedWeight, QuantSpec, storage_shapes
 
-SHAPES = ((2048, 1408), (1408, 2048), (2048, 768), (4096, 1536))  # (K, N)
+SHAPES = ((2048, 1408), (1408, 2048), (2048, 768), (4096, 1536))  # (K, N): expert shapes
+STREAM_SHAPE = (2048, 1 << 19)  # one 0.6-2 GB matrix: the kernel's streaming rate, call overhead amortized
 ROWS = (1, 4, 8, 16)
 KERNELS = ("q8", "q4", "torch-int8pack", "torch-bf16")
 V2_LITE_EXPERTS = (64, 1408, 2048, 6)  # experts, expert width I, hidden H, top-k
@@ -45,18 +47,25 @@ def random_quantized(spec: QuantSpec, shape: tuple[int, ...], gen: torch.Generat
     return QuantizedWeight(spec, shape, qweight, scales)
 
 
-def linear_calls(kernel: str, k: int, n: int, copies: int, gen: torch.Generator):
-    """-> (bytes one call reads, [fn(x) per weight copy])."""
+def weight_bytes(kernel: str, k: int, n: int) -> int:
+    """Bytes one call reads: the weight and its scales."""
+    if kernel in ("q8", "q4"):
+        q_shape, s_shape = storage_shapes(QuantSpec(kernel), (n, k))
+        return q_shape[0] * q_shape[1] + 2 * s_shape[0] * s_shape[1]
+    return n * k + 2 * n if kernel == "torch-int8pack" else 2 * n * k
+
+
+def linear_calls(kernel: str, k: int, n: int, copies: int, gen: torch.Generator) -> list:
+    """[fn(x) per weight copy]."""
     if kernel in ("q8", "q4"):
         stack = random_quantized(QuantSpec(kernel), (copies, n, k), gen)
-        weights = [stack[c] for c in range(copies)]
-        return weights[0].nbytes, [lambda x, w=w: quant_linear(x, w) for w in weights]
+        return [lambda x, w=stack[c]: quant_linear(x, w) for c in range(copies)]
     if kernel == "torch-int8pack":
         stack = random_stack(lambda: torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen), copies)
         scales = torch.rand(n, generator=gen).to(torch.bfloat16)
-        return n * k + 2 * n, [lambda x, w=w: torch._weight_int8pack_mm(x, w, scales) for w in stack]
+        return [lambda x, w=w: torch._weight_int8pack_mm(x, w, scales) for w in stack]
     stack = random_stack(lambda: torch.randn((n, k), generator=gen).to(torch.bfloat16), copies)
-    return 2 * n * k, [lambda x, w=w: F.linear(x, w) for w in stack]
+    return [lambda x, w=w: F.linear(x, w) for w in stack]
 
 
 def time_calls(calls, args_for, min_seconds: float) -> float:
@@ -72,11 +81,10 @@ def time_calls(calls, args_for, min_seconds: float) -> float:
 
 def bench_linear(args, bandwidth: float, gen: torch.Generator) -> list[dict]:
     results = []
-    for k, n in SHAPES:
+    for k, n in (*SHAPES, STREAM_SHAPE):
         for kernel in KERNELS:
-            per_copy = linear_calls(kernel, k, n, 1, gen)[0]
-            copies = max(2, int(args.working_set_gb * GB // per_copy))
-            nbytes, calls = linear_calls(kernel, k, n, copies, gen)
+            copies = max(1, int(args.working_set_gb * GB // weight_bytes(kernel, k, n)))
+            nbytes, calls = weight_bytes(kernel, k, n), linear_calls(kernel, k, n, copies, gen)
             for m in ROWS:
                 x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
                 seconds = time_calls(calls, lambda i: (x,), args.min_seconds)

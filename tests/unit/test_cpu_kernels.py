@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from krasis.common.quant import cpu_kernels
 from krasis.common.quant.cpu_kernels import kernel_backend, quant_experts, quant_linear
-from krasis.common.quant.formats import QuantSpec, dequantize, quantize
+from krasis.common.quant.formats import QuantizedWeight, QuantSpec, dequantize, quantize
 
 SPECS = ["q8", "q8:channel", "q4", "q4:g128"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -111,13 +111,21 @@ def test_quant_experts_over_many_random_tokens():
     assert (y.double() - expected).abs().max() <= 2e-5 * expected.abs().max()
 
 
+@pytest.mark.parametrize("bad", [4, -1])
 @pytest.mark.parametrize("use_torch", [False, True])
-def test_quant_experts_rejects_unknown_expert(use_torch, monkeypatch):
+def test_quant_experts_rejects_unknown_expert(use_torch, bad, monkeypatch):
     if use_torch:
         monkeypatch.setattr(cpu_kernels, "_ops", lambda: None)
     gate_up, down = make_weight("q4", (4, 64, 64)), make_weight("q4", (4, 64, 32))
-    with pytest.raises(ValueError, match="expert 4; there are 4"):
-        quant_experts(torch.randn(1, 64), gate_up, down, torch.tensor([[0, 4]]), torch.ones(1, 2))
+    with pytest.raises(ValueError, match=f"topk_ids holds expert {bad}; there are 4"):
+        quant_experts(torch.randn(1, 64), gate_up, down, torch.tensor([[0, bad]]), torch.ones(1, 2))
+
+
+def test_kernels_reject_non_contiguous_weights():
+    qw = make_weight("q8", (8, 128))
+    strided = QuantizedWeight(qw.spec, qw.shape, qw.qweight.T.contiguous().T, qw.scales)
+    with pytest.raises(ValueError, match="must be contiguous CPU tensors"):
+        quant_linear(torch.randn(1, 128), strided)
 
 
 def test_quant_experts_rejects_mismatched_stacks():
@@ -162,3 +170,11 @@ def test_portable_build_uses_scalar_path_and_matches():
     y = ops.linear(x, qw.qweight, qw.scales, cpu_kernels.FORMAT_CODES["q4"], 32)
     weight64 = dequantize(qw).double()
     assert_close_to_fp64(y, x, weight64, x.double() @ weight64.T)
+
+
+def test_empty_batch_gives_empty_output():
+    qw = make_weight("q4", (8, 128))
+    assert quant_linear(torch.randn(0, 128), qw).shape == (0, 8)
+    gate_up, down = make_weight("q4", (4, 64, 128)), make_weight("q4", (4, 128, 32))
+    out = quant_experts(torch.randn(0, 128), gate_up, down, torch.zeros(0, 2, dtype=torch.long), torch.ones(0, 2))
+    assert out.shape == (0, 128)

@@ -81,6 +81,7 @@ def quant_linear(x: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
     _check_x(x, qw, "quant_linear")
     if len(qw.shape) != 2:
         raise ValueError(f"quant_linear: weight {qw.shape} is not one [N, K] matrix")
+    _check_cpu_layout(qw, "quant_linear")
     ops = _ops()
     if ops is None:
         return torch_quant_linear(x, qw)
@@ -104,11 +105,14 @@ def quant_experts(
     ops = _ops() if act in _CPP_ACTIVATIONS else None
     if ops is None:
         return torch_quant_experts(x, gate_up, down, topk_ids, topk_weights, act)
-    return ops.experts(
+    out, unknown = ops.experts(
         x, gate_up.qweight, gate_up.scales, FORMAT_CODES[gate_up.spec.format], gate_up.spec.group_for(x.shape[1]),
         down.qweight, down.scales, FORMAT_CODES[down.spec.format], down.spec.group_for(down.shape[-1]),
         topk_ids, topk_weights,
     )
+    if unknown >= 0:
+        _raise_unknown_expert(topk_ids.reshape(-1)[unknown].item(), gate_up.shape[0])
+    return out
 
 
 def torch_quant_linear(x: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
@@ -122,13 +126,25 @@ def torch_quant_experts(x, gate_up, down, topk_ids, topk_weights, act: str = "si
     out = torch.zeros(x.shape, dtype=torch.float32)
     hit = torch.unique(topk_ids).tolist()
     if hit and not 0 <= hit[0] <= hit[-1] < num_experts:
-        raise ValueError(f"topk_ids holds expert {hit[0] if hit[0] < 0 else hit[-1]}; there are {num_experts}")
+        _raise_unknown_expert(hit[0] if hit[0] < 0 else hit[-1], num_experts)
     for expert in hit:
         token_idx, slot = torch.where(topk_ids == expert)
         h = F.linear(x[token_idx].float(), dequantize(gate_up[expert]))
         y = F.linear(act_fn(h[:, :inter]) * h[:, inter:], dequantize(down[expert]))
         out.index_add_(0, token_idx, y * topk_weights[token_idx, slot, None].float())
     return out.to(x.dtype)
+
+
+def _raise_unknown_expert(expert: int, num_experts: int):
+    raise ValueError(f"quant_experts: topk_ids holds expert {expert}; there are {num_experts}")
+
+
+def _check_cpu_layout(qw: QuantizedWeight, what: str) -> None:
+    # The C++ side reads raw pointers; checked here because its own checks throw, and a C++ throw
+    # crashed the process on one machine (see experts() in the C++ source).
+    for tensor in (qw.qweight, qw.scales):
+        if tensor.device.type != "cpu" or not tensor.is_contiguous():
+            raise ValueError(f"{what}: quantized weight {qw.shape} must be contiguous CPU tensors")
 
 
 def _check_x(x: torch.Tensor, qw: QuantizedWeight, what: str) -> None:
@@ -147,6 +163,8 @@ def _check_experts(x, gate_up: QuantizedWeight, down: QuantizedWeight, topk_ids,
             f"quant_experts: gate_up {gate_up.shape} and down {down.shape} are not [E, 2I, H] and [E, H, I]"
         )
     _check_x(x, gate_up, "quant_experts")
+    _check_cpu_layout(gate_up, "quant_experts")
+    _check_cpu_layout(down, "quant_experts")
     if topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0] or topk_weights.shape != topk_ids.shape:
         raise ValueError(
             f"quant_experts: topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} "

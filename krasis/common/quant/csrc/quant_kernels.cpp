@@ -11,10 +11,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -50,7 +52,7 @@ inline vf values_q4(const uint8_t* p, int v) {
 }
 #elif defined(__AVX2__) && defined(__FMA__)
 constexpr const char* ISA = "avx2";
-constexpr int W = 8, NR_DEFAULT = 2, PREFETCH_DEFAULT = 0;
+constexpr int W = 8, NR_DEFAULT = 2, PREFETCH_DEFAULT = -1;
 using vf = __m256;
 inline vf vzero() { return _mm256_setzero_ps(); }
 inline vf vset1(float a) { return _mm256_set1_ps(a); }
@@ -216,6 +218,27 @@ void gemv_tile_fmt(int fmt, const QMatrix& w, int64_t n0, int64_t rows, const fl
   else gemv_tile<Q4>(w, n0, rows, xs, ys, m);
 }
 
+#ifndef KRASIS_DYNAMIC
+#define KRASIS_DYNAMIC 1
+#endif
+#ifndef KRASIS_CHUNKS_PER_THREAD
+#define KRASIS_CHUNKS_PER_THREAD 8
+#endif
+constexpr int64_t CHUNKS_PER_THREAD = KRASIS_CHUNKS_PER_THREAD;
+
+// fn(begin, end) over [0, total). Dynamic: chunks handed to threads as they come free, so a core
+// that the host's other tenants slow down delays the call by one chunk, not by its whole share.
+template <class F>
+void parallel_chunks(int64_t total, const F& fn) {
+  const int64_t threads = at::get_num_threads();
+  if (!KRASIS_DYNAMIC || threads == 1) return at::parallel_for(0, total, 1, fn);
+  const int64_t chunk = std::max<int64_t>(1, total / (threads * CHUNKS_PER_THREAD));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(threads, (total + chunk - 1) / chunk), 1, [&](int64_t, int64_t) {
+    for (int64_t begin; (begin = next.fetch_add(chunk)) < total;) fn(begin, std::min(total, begin + chunk));
+  });
+}
+
 // Index of element i of a row in kernel order.
 inline int64_t kernel_index(int fmt, int64_t i) {
   if (fmt == Q8) return i;
@@ -271,7 +294,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tens
   std::vector<const float*> xs(m);
   for (int64_t j = 0; j < m; ++j) xs[j] = xk.data_ptr<float>() + j * k;
   const QMatrix w = matrix_view(qweight, scales, group, k, 0);
-  at::parallel_for(0, (n + NR - 1) / NR, 1, [&](int64_t begin, int64_t end) {
+  parallel_chunks((n + NR - 1) / NR, [&](int64_t begin, int64_t end) {
     std::vector<float*> ys(m);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n0 = t * NR;
@@ -288,6 +311,7 @@ struct Routing {
   std::vector<int64_t> start;    // experts[i]'s pairs are [start[i], start[i + 1])
   std::vector<int64_t> token;    // per pair
   std::vector<float> weight;     // per pair
+  int64_t unknown = -1;          // index into topk_ids of an expert id out of range, or -1
 };
 
 Routing group_by_expert(const at::Tensor& topk_ids, const at::Tensor& topk_weights, int64_t num_experts) {
@@ -297,11 +321,14 @@ Routing group_by_expert(const at::Tensor& topk_ids, const at::Tensor& topk_weigh
   const float* wt = wts.data_ptr<float>();
   const int64_t pairs = ids.numel(), k = ids.size(1);
   std::vector<int64_t> count(num_experts + 1, 0);
+  Routing out;
   for (int64_t p = 0; p < pairs; ++p) {
-    TORCH_CHECK_VALUE(id[p] >= 0 && id[p] < num_experts, "topk_ids holds expert ", id[p], "; there are ", num_experts);
+    if (id[p] < 0 || id[p] >= num_experts) {
+      out.unknown = p;
+      return out;
+    }
     ++count[id[p] + 1];
   }
-  Routing out;
   for (int64_t e = 0; e < num_experts; ++e) {
     if (count[e + 1] > 0) {
       out.experts.push_back(e);
@@ -343,7 +370,10 @@ void gate_up_tile(int gu_fmt, int dn_fmt, const QMatrix& gu, int64_t inter, int6
 }
 
 // The routed experts of one layer: out[t] = sum_slot weight * down[e](silu(gate[e] x_t) * up[e] x_t), fp32 sum.
-at::Tensor experts(const at::Tensor& x, const at::Tensor& gu_q, const at::Tensor& gu_s, int64_t gu_fmt,
+// -> (out, -1), or (empty, index into topk_ids) for an unknown expert: bad input is reported, not
+// thrown, because a C++ exception thrown from this library crashed the process on the H100 machine
+// (torch 2.11, gcc 13). The Python wrappers validate everything else before calling.
+std::tuple<at::Tensor, int64_t> experts(const at::Tensor& x, const at::Tensor& gu_q, const at::Tensor& gu_s, int64_t gu_fmt,
                    int64_t gu_group, const at::Tensor& dn_q, const at::Tensor& dn_s, int64_t dn_fmt, int64_t dn_group,
                    const at::Tensor& topk_ids, const at::Tensor& topk_weights) {
   TORCH_CHECK_VALUE(x.dim() == 2 && x.device().is_cpu(), "x must be a 2-d CPU tensor, got ", x.sizes());
@@ -357,6 +387,7 @@ at::Tensor experts(const at::Tensor& x, const at::Tensor& gu_q, const at::Tensor
               "topk_ids and topk_weights must both be [T, k] with T=", tokens);
   const int64_t hidden_out = dn_q.size(1);
   const Routing routing = group_by_expert(topk_ids, topk_weights, num_experts);
+  if (routing.unknown >= 0) return {at::empty({0}, x.options()), routing.unknown};
   const int64_t hit = static_cast<int64_t>(routing.experts.size()), pairs = routing.start.back();
 
   at::Tensor xk = kernel_order(x, static_cast<int>(gu_fmt));
@@ -364,7 +395,7 @@ at::Tensor experts(const at::Tensor& x, const at::Tensor& gu_q, const at::Tensor
   for (int64_t p = 0; p < pairs; ++p) xs[p] = xk.data_ptr<float>() + routing.token[p] * hidden_in;
   std::vector<float> act(pairs * inter);
   const int64_t tiles = (inter + NR - 1) / NR;
-  at::parallel_for(0, hit * tiles, 1, [&](int64_t begin, int64_t end) {
+  parallel_chunks(hit * tiles, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t h = item / tiles, n0 = item % tiles * NR, p0 = routing.start[h];
       const QMatrix gu = matrix_view(gu_q, gu_s, gu_group, hidden_in, routing.experts[h]);
@@ -377,9 +408,9 @@ at::Tensor experts(const at::Tensor& x, const at::Tensor& gu_q, const at::Tensor
   float* o = out.data_ptr<float>();
   std::vector<const float*> as(pairs);
   for (int64_t p = 0; p < pairs; ++p) as[p] = act.data() + p * inter;
-  // Each thread owns a range of output columns and walks every hit expert's rows for it:
+  // Each chunk is a range of output columns, walked through every hit expert's rows for it:
   // contiguous streams per expert, and no two threads add into the same element.
-  at::parallel_for(0, (hidden_out + NR - 1) / NR, 1, [&](int64_t begin, int64_t end) {
+  parallel_chunks((hidden_out + NR - 1) / NR, [&](int64_t begin, int64_t end) {
     float y[MR][NR];
     float* ys[MR] = {y[0], y[1], y[2], y[3]};
     for (int64_t h = 0; h < hit; ++h) {
@@ -397,7 +428,7 @@ at::Tensor experts(const at::Tensor& x, const at::Tensor& gu_q, const at::Tensor
       }
     }
   });
-  return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+  return {x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type()), -1};
 }
 
 std::string isa() { return ISA; }
