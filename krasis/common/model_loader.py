@@ -21,7 +21,7 @@ def resolve_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def _empty_model(model_dir: str | Path):
+def empty_model(model_dir: str | Path):
     """The architecture for this directory, built on the meta device (no memory yet)."""
     raw = read_hf_config(model_dir)
     cls = model_class(raw["model_type"])
@@ -48,7 +48,7 @@ def load_model(
     """The model in eval mode on `device`, every parameter filled from the checkpoint (or its quantized cache)."""
     if quant is not None and (quant.experts or quant.dense):
         return _load_quantized(model_dir, dtype, device, quant, cache_root)
-    model = _empty_model(model_dir)
+    model = empty_model(model_dir)
     reader = CheckpointReader(model_dir)  # validates every file's header before memory is allocated
     model = _materialize(model, dtype, device)
     optional = ("lm_head.weight",) if model.config.tie_word_embeddings else ()
@@ -61,7 +61,7 @@ def _load_quantized(model_dir, dtype: torch.dtype, device: str, plan: QuantPlan,
     if device != "cpu":
         raise ValueError("quantized weights run on the CPU kernels; GPU dequantization comes with GPU prefill")
     cache = open_cache(ensure_cache(model_dir, plan, cache_root=cache_root), model_dir=model_dir)
-    model = _empty_model(model_dir)
+    model = empty_model(model_dir)
     swap_in_quantized(model, {name: cache.quantized(name) for name in cache.quantized_names})
     model = _materialize(model, dtype, device)
     params = dict(model.named_parameters())

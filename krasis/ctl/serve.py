@@ -1,4 +1,4 @@
-"""`krasis-ctl serve`: the OpenAI-compatible HTTP gateway, with the engine running in this process."""
+"""`krasis-ctl serve`: the OpenAI HTTP gateway over the worker pipeline (--in-process: one engine thread)."""
 
 import asyncio
 import ctypes
@@ -34,16 +34,73 @@ PR_SET_NAME = 15
 @click.option("--max-queue", type=click.IntRange(min=0),
               help="Sequences that may wait for a slot before requests get 429 [default: 4 x --max-concurrency].")
 @click.option("--served-model-name", help="The model id clients send [default: the model directory's name].")
+@click.option("--cpu-workers", default="auto", show_default=True,
+              help="CPU decode workers: auto (one per NUMA node), ccd (one per L3 domain) or a count.")
+@click.option("--gpu", default="auto", show_default=True,
+              help="Prefill worker device: auto (cuda:0 when there is a GPU), none (the CPU) or a CUDA index.")
+@click.option("--in-process", is_flag=True, help="Run the engine on a thread of the gateway (no worker processes).")
 def serve(model_dir, host, port, api_key, quant, dense_quant, cache_dir, dtype, device, max_context, max_concurrency,
-          max_queue, served_model_name):
+          max_queue, served_model_name, cpu_workers, gpu, in_process):
     """Serve the model over the OpenAI HTTP API until SIGTERM or Ctrl-C."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with user_errors():
         _set_process_title("krasis::gateway")
         weights = WeightOptions(model_dir, dtype, device, quant, dense_quant, cache_dir)
-        engine, tokenizer, name = _load(weights, max_context, max_concurrency, served_model_name)
         max_queue = 4 * max_concurrency if max_queue is None else max_queue
-        _run(_serve(engine, tokenizer, name, host, port, api_key, max_concurrency, max_queue))
+        if in_process:
+            engine, tokenizer, name = _load(weights, max_context, max_concurrency, served_model_name)
+            _run(_serve(engine, tokenizer, name, host, port, api_key, max_concurrency, max_queue))
+            return
+        client, tokenizer, config = _pipeline(weights, cpu_workers, gpu, max_context, max_concurrency, max_queue,
+                                              served_model_name, api_key)  # fmt: skip
+        _run(_serve_client(client, tokenizer, config, host, port, max_concurrency, max_queue, _pool_summary(client)))
+
+
+def _pipeline(weights: WeightOptions, cpu_workers, gpu, max_context, max_concurrency, max_queue, served_model_name,
+              api_key):  # fmt: skip
+    """The pipeline client for this model and host; prints the topology plan. Workers start with the server."""
+    from krasis.common import default_model
+    from krasis.common.default_model import default_model_dir
+    from krasis.common.model_loader import empty_model, resolve_dtype
+    from krasis.common.tokenizer import Tokenizer
+    from krasis.common.topology import describe, plan_workers, read_topology
+    from krasis.gateway.app import GatewayConfig
+    from krasis.gateway.pipeline_client import PipelineConfig, PipelineEngineClient
+
+    if gpu not in ("auto", "none") and not gpu.isdigit():
+        raise click.UsageError(f"--gpu {gpu!r}: use auto, none or a CUDA device index")
+    directory = weights.model_dir or default_model_dir()
+    model = empty_model(directory)  # meta device: shapes only, the workers load the weights
+    max_context = _max_context(model, max_context)
+    topology = read_topology()
+    try:
+        placements = plan_workers(topology, cpu_workers)
+    except ValueError as exc:
+        raise click.UsageError(f"--cpu-workers: {exc}") from None
+    click.echo(describe(placements, topology))
+    cfg = model.config
+    config = PipelineConfig(
+        weights=weights, gpu=gpu, placements=tuple(placements), kv_widths=tuple(model.kv_widths),
+        kv_dtype=str(resolve_dtype(weights.dtype)).removeprefix("torch."), hidden_size=cfg.hidden_size,
+        top_k=cfg.num_experts_per_tok, max_context=max_context, max_batch_tokens=min(max_context, 2048),
+        kv_pages=max_concurrency * -(-max_context // KV_PAGE_SIZE), page_size=KV_PAGE_SIZE,
+    )  # fmt: skip
+    client = PipelineEngineClient(config, max_running=max_concurrency, max_waiting=max_queue)
+    name = served_model_name or (Path(weights.model_dir).resolve().name if weights.model_dir else default_model.NAME)
+    gateway_config = GatewayConfig(name, max_context, cfg.vocab_size, api_key)
+    return client, Tokenizer.from_dir(directory), gateway_config
+
+
+def _max_context(model, max_context):
+    model_limit = model.config.max_position_embeddings
+    if max_context is not None and max_context > model_limit:
+        raise click.UsageError(f"--max-context {max_context} exceeds the model's context of {model_limit} tokens")
+    return max_context or min(model_limit, DEFAULT_MAX_CONTEXT)
+
+
+def _pool_summary(client) -> str:
+    c = client.config
+    return f"{c.kv_pages} shared pages of {c.page_size} tokens, {len(c.placements)} CPU decode worker(s)"
 
 
 def _load(weights: WeightOptions, max_context, max_concurrency, served_model_name):
@@ -52,10 +109,7 @@ def _load(weights: WeightOptions, max_context, max_concurrency, served_model_nam
     from krasis.ctl.loading import load_for_generation  # torch imports stay out of `--help`
 
     model, tokenizer = load_for_generation(weights)
-    model_limit = model.config.max_position_embeddings
-    if max_context is not None and max_context > model_limit:
-        raise click.UsageError(f"--max-context {max_context} exceeds the model's context of {model_limit} tokens")
-    max_context = max_context or min(model_limit, DEFAULT_MAX_CONTEXT)
+    max_context = _max_context(model, max_context)
     pages = max_concurrency * -(-max_context // KV_PAGE_SIZE)
     config = EngineConfig(max_context=max_context, kv_pages=pages, page_size=KV_PAGE_SIZE)
     engine = EngineCore(model, config, tokenizer.eos_token_ids, model.config.vocab_size)
@@ -64,13 +118,19 @@ def _load(weights: WeightOptions, max_context, max_concurrency, served_model_nam
 
 
 async def _serve(engine, tokenizer, name, host, port, api_key, max_concurrency, max_queue):
-    from aiohttp import web
-
-    from krasis.gateway.app import GATEWAY, GatewayConfig, create_app
+    from krasis.gateway.app import GatewayConfig
     from krasis.gateway.engine_client import InProcessEngineClient
 
     client = InProcessEngineClient(engine, max_running=max_concurrency, max_waiting=max_queue)
     config = GatewayConfig(name, engine.config.max_context, engine.vocab_size, api_key)
+    await _serve_client(client, tokenizer, config, host, port, max_concurrency, max_queue, _kv_summary(engine))
+
+
+async def _serve_client(client, tokenizer, config, host, port, max_concurrency, max_queue, kv_summary: str):
+    from aiohttp import web
+
+    from krasis.gateway.app import GATEWAY, create_app
+
     app = create_app(client, tokenizer, config)
     runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=SHUTDOWN_TIMEOUT_S, access_log=None)
     await client.start()
@@ -78,9 +138,9 @@ async def _serve(engine, tokenizer, name, host, port, api_key, max_concurrency, 
     try:
         await web.TCPSite(runner, host, port).start()
         bound_port = runner.addresses[0][1]
-        click.echo(f"krasis gateway: serving {name} on http://{_url_host(host)}:{bound_port}/v1 "
+        click.echo(f"krasis gateway: serving {config.model_name} on http://{_url_host(host)}:{bound_port}/v1 "
                    f"(max-context {config.max_context}, max-concurrency {max_concurrency}, queue {max_queue}, "
-                   f"KV pool {_kv_summary(engine)})", nl=True)
+                   f"KV pool {kv_summary})", nl=True)
         await _wait_for_signal()
         click.echo("krasis gateway: shutting down")
         app[GATEWAY].shutting_down = True

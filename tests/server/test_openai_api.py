@@ -285,11 +285,11 @@ def test_sixteen_concurrent_streams_each_match_their_request_alone(client, serve
 
     async def run_all():
         async with AsyncOpenAI(base_url=server.url("/v1"), api_key="unused", max_retries=0) as async_client:
-            return await asyncio.wait_for(asyncio.gather(*(stream(async_client, p) for p in prompts)), 30)
+            return await asyncio.wait_for(asyncio.gather(*(stream(async_client, p) for p in prompts)), 60)
 
     started = time.monotonic()
     assert asyncio.run(run_all()) == alone
-    assert time.monotonic() - started < 30
+    assert time.monotonic() - started < 60  # generous: CI has 2 cores for gateway, workers and client
     assert metric(server, "krasis_kv_pages_in_use") == 0
 
 

@@ -1,0 +1,403 @@
+"""The EngineClient of the multi-process pipeline: a GPU prefill worker and a CPU decode pool over ZeroMQ.
+
+The gateway owns the shared KV pool and its PageAllocator. A request's pages are reserved (prompt + max_tokens)
+when it is sent to prefill and freed when its final event arrives, or, after an abort, once every worker that
+may hold it confirmed (each answers an AbortRequest with a TokenOut carrying FinishReason.ABORT), so pages are
+never reused while a worker may still write them. A dead worker (seen by the Supervisor) fails every in-flight
+request; /health is 503 until it (for a decode worker, the whole pool) is restarted and ready.
+"""
+
+import asyncio
+import dataclasses
+import logging
+import secrets
+import shutil
+import tempfile
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from krasis.common.engine import TokenEvent
+from krasis.common.kv_cache import PageAllocator
+from krasis.common.protocol import FinishReason
+from krasis.common.protocol_pipeline import AbortRequest, AddRequest, RequestFailed, TokenBatch, TokenOut
+from krasis.common.sampling_params import SamplingParams
+from krasis.common.process import Supervisor, spawn_worker
+from krasis.common.shm import SharedKVPool, cleanup_stale
+from krasis.common.topology import WorkerPlacement
+from krasis.common.zmq_queues import AsyncPullQueue, AsyncPushQueue, ipc_endpoint
+from krasis.cpu_worker.process import DecodeWorkerConfig, decode_title, run_decode_worker
+from krasis.gpu_worker.process import PrefillWorkerConfig, prefill_title, run_prefill_worker, with_device
+from krasis.gateway.engine_client import EngineClient, EngineError, EngineStats
+from krasis.gateway.metrics import RateWindow
+
+log = logging.getLogger("krasis.gateway")
+
+PREFILL, DECODE = "prefill", "decode"
+KV_POOL_PREFIX, EXCHANGE_PREFIX = "krasis-kv", "krasis-experts"
+RESTART_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """The pipeline's shape, as `krasis-ctl serve` resolved it."""
+
+    weights: object  # WeightOptions of the workers (device: their CPU side; --gpu picks the prefill device)
+    gpu: str  # "auto", "none" or a CUDA index
+    placements: tuple[WorkerPlacement, ...]
+    kv_widths: tuple[int, ...]
+    kv_dtype: str
+    hidden_size: int
+    top_k: int
+    max_context: int
+    max_batch_tokens: int
+    kv_pages: int
+    page_size: int
+    ready_timeout_s: float = 300.0
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    stream: asyncio.Queue = field(default_factory=asyncio.Queue)
+    pages: list[int] | None = None  # None until sent to prefill
+    next_index: int = 0
+    early: dict[int, TokenOut] = field(default_factory=dict)  # tokens that overtook an earlier one
+    aborted: bool = False
+    awaiting: set[str] = field(default_factory=set)  # roles whose abort confirmation is still due
+
+
+class PipelineEngineClient(EngineClient):
+    """Routes requests to the worker processes and their tokens back; see the module docstring."""
+
+    def __init__(self, config: PipelineConfig, max_running: int, max_waiting: int):
+        super().__init__(max_running, max_waiting)
+        self.config = config
+        self.allocator = PageAllocator(config.kv_pages)
+        self._requests: dict[str, _Request] = {}
+        self._waiting: deque[_Request] = deque()
+        self._dispatched = 0
+        self._outbox: asyncio.Queue | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._failure: str | None = "starting"
+        self._closing = False
+        self._prefill_rate, self._decode_rate = RateWindow(), RateWindow()
+        self._run_dir = tempfile.mkdtemp(prefix="krasis-")
+        self.workers = WorkerGroups(config, self._run_dir, max_running)
+
+    # --- lifecycle ---
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._outbox = asyncio.Queue()
+        try:
+            self.workers.open(lambda handle: loop.call_soon_threadsafe(self._on_death, handle))
+            await loop.run_in_executor(None, self.workers.wait_ready, None)
+        except BaseException:
+            await loop.run_in_executor(None, self.workers.close)
+            self.workers.close_sockets()
+            shutil.rmtree(self._run_dir, ignore_errors=True)
+            raise
+        self._tasks = [
+            asyncio.create_task(self._read(self.workers.prefill_tokens, PREFILL)),
+            asyncio.create_task(self._read(self.workers.decode_tokens, DECODE)),
+            asyncio.create_task(self._send_outbox()),
+        ]
+        self.workers.supervisor.start()
+        self._failure = None
+
+    async def close(self) -> None:
+        self._closing = True
+        self._failure = "the server is shutting down"
+        self._fail_all(self._failure)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.get_running_loop().run_in_executor(None, self.workers.close)
+        self.workers.close_sockets()
+        shutil.rmtree(self._run_dir, ignore_errors=True)
+
+    def health(self) -> tuple[bool, str]:
+        return (False, self._failure) if self._failure is not None else (True, "ok")
+
+    def stats(self) -> EngineStats:
+        total = self.config.kv_pages
+        return EngineStats(
+            running=self._dispatched, waiting=len(self._waiting),
+            kv_pages_in_use=total - self.allocator.num_free, kv_pages_total=total,
+            prefill_tokens=self._prefill_rate.total, decode_tokens=self._decode_rate.total,
+            prefill_tokens_per_s=self._prefill_rate.rate(), decode_tokens_per_s=self._decode_rate.rate(),
+        )  # fmt: skip
+
+    # --- requests ---
+
+    async def generate(self, request_id, prompt_ids, params) -> AsyncIterator[TokenEvent]:
+        if self._failure is not None:
+            raise EngineError(self._failure)
+        if params.seed is None:  # prefill and decode must draw from one stream
+            params = dataclasses.replace(params, seed=secrets.randbits(63))
+        request = _Request(request_id, list(prompt_ids), params)
+        self._requests[request_id] = request
+        self._waiting.append(request)
+        self._dispatch_waiting()
+        finished = False
+        try:
+            while not finished:
+                item = await request.stream.get()
+                if isinstance(item, EngineError):
+                    finished = True
+                    raise item
+                finished = item.finish_reason is not None
+                yield item
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        request = self._requests.get(request_id)
+        if request is None or request.aborted:
+            return
+        if request.pages is None:  # still waiting here: no worker has seen it
+            self._waiting.remove(request)
+            del self._requests[request_id]
+            return
+        request.aborted, request.awaiting = True, {PREFILL, DECODE}
+        self._send(PREFILL, AbortRequest(request_id))
+        self._send(DECODE, AbortRequest(request_id))
+
+    def _dispatch_waiting(self) -> None:
+        """Send waiting requests to prefill, in order, while a decode slot and their page reservation are free."""
+        while self._waiting and self._dispatched < self.max_running:
+            request = self._waiting[0]
+            pages = self._pages_needed(request)
+            if pages > self.allocator.num_free:
+                return
+            self._waiting.popleft()
+            request.pages = self.allocator.allocate(pages)
+            self._dispatched += 1
+            self._send(PREFILL, AddRequest(request.request_id, request.prompt_ids, request.params, request.pages))
+
+    def _pages_needed(self, request: _Request) -> int:
+        tokens = min(len(request.prompt_ids) + request.params.max_tokens, self.config.max_context)
+        return max(1, -(-tokens // self.config.page_size))
+
+    def _release(self, request: _Request) -> None:
+        self._requests.pop(request.request_id, None)
+        if request.pages is not None:
+            self.allocator.free(request.pages)
+            request.pages = None
+            self._dispatched -= 1
+        self._dispatch_waiting()
+
+    # --- messages from the workers ---
+
+    async def _read(self, queue, role: str) -> None:
+        while True:
+            msg = await queue.get()
+            try:
+                if isinstance(msg, TokenBatch):
+                    for event in msg.events:
+                        self._on_token(role, event)
+                elif isinstance(msg, RequestFailed):
+                    self._on_failed(msg)
+            except Exception:  # a bug here must not stop every stream
+                log.exception("handling a %s from the %s worker failed", type(msg).__name__, role)
+
+    def _on_token(self, role: str, event: TokenOut) -> None:
+        request = self._requests.get(event.request_id)
+        if request is None:
+            return
+        if event.finish_reason == FinishReason.ABORT and event.token_id is None:
+            request.awaiting.discard(role)
+            if request.aborted and not request.awaiting:
+                self._release(request)
+            return
+        if request.aborted:
+            return
+        request.early[event.index] = event
+        while request.next_index in request.early:
+            self._deliver(request, request.early.pop(request.next_index))
+
+    def _deliver(self, request: _Request, event: TokenOut) -> None:
+        if event.token_id is not None:
+            request.next_index += 1
+            rate = self._prefill_rate if event.index == 0 else self._decode_rate
+            rate.add(len(request.prompt_ids) if event.index == 0 else 1)
+        request.stream.put_nowait(TokenEvent(event.request_id, event.token_id, event.finish_reason, event.logprobs))
+        if event.finish_reason is not None:
+            self._release(request)
+
+    def _on_failed(self, msg: RequestFailed) -> None:
+        request = self._requests.get(msg.request_id)
+        if request is None:
+            return
+        # The worker dropped it; abort the other one too before the pages are reused.
+        if not request.aborted:
+            request.stream.put_nowait(EngineError(msg.message))
+            request.aborted, request.awaiting = True, {PREFILL, DECODE}
+            self._send(PREFILL, AbortRequest(msg.request_id))
+            self._send(DECODE, AbortRequest(msg.request_id))
+
+    # --- sending, in order, from one task ---
+
+    def _send(self, role: str, msg) -> None:
+        self._outbox.put_nowait((role, msg))
+
+    async def _send_outbox(self) -> None:
+        while True:
+            role, msg = await self._outbox.get()
+            queue = self.workers.prefill_requests if role == PREFILL else self.workers.decode_inbox
+            try:
+                await queue.put(msg)
+            except Exception as exc:  # an unencodable message fails its request, not the sender
+                log.exception("sending %s to the %s worker failed", type(msg).__name__, role)
+                request = self._requests.get(getattr(msg, "request_id", None))
+                if request is not None and not request.aborted:
+                    request.stream.put_nowait(EngineError(f"could not send the request: {exc}"))
+
+    # --- worker deaths ---
+
+    def _on_death(self, handle) -> None:
+        if self._closing:
+            return
+        role = self.workers.role_of(handle)
+        if role is None or role in self.workers.restarting:
+            return
+        message = f"worker {handle.name} (pid {handle.pid}) died with exit code {handle.exitcode}"
+        self._failure = f"{message}; restarting it"
+        self._fail_all(message)
+        self.workers.restarting.add(role)
+        asyncio.get_running_loop().create_task(self._restart(role))
+
+    def _fail_all(self, message: str) -> None:
+        """End every request with EngineError; dispatched ones are aborted and freed once both workers confirm."""
+        for request in list(self._requests.values()):
+            if not request.aborted:
+                request.stream.put_nowait(EngineError(message))
+            if request.pages is None:
+                self._waiting.remove(request)
+                del self._requests[request.request_id]
+            elif not request.aborted:
+                request.aborted, request.awaiting = True, {PREFILL, DECODE}
+                self._send(PREFILL, AbortRequest(request.request_id))
+                self._send(DECODE, AbortRequest(request.request_id))
+
+    async def _restart(self, role: str) -> None:
+        loop = asyncio.get_running_loop()
+        for attempt in range(1, RESTART_ATTEMPTS + 1):
+            try:
+                await loop.run_in_executor(None, self.workers.stop_group, role)
+                self.workers.start_group(role)  # spawned from the loop's thread: PDEATHSIG follows the spawner
+                await loop.run_in_executor(None, self.workers.wait_ready, role)
+                break
+            except Exception as exc:
+                log.exception("restarting the %s worker(s) failed (attempt %d)", role, attempt)
+                self._failure = f"restarting the {role} worker(s) failed: {exc}"
+                if self._closing or attempt == RESTART_ATTEMPTS:
+                    return  # /health stays 503 with the reason
+        self.workers.restarting.discard(role)
+        # The new workers never saw the aborts the dead ones missed: their confirmations are still due.
+        for request in self._requests.values():
+            if request.aborted and role in request.awaiting:
+                self._send(role, AbortRequest(request.request_id))
+        if not self.workers.restarting:
+            self._failure = None
+            log.info("the %s worker(s) restarted; serving again", role)
+
+
+class WorkerGroups:
+    """The worker processes and the gateway's ends of their sockets: the prefill group and the decode pool.
+
+    The decode pool restarts as a whole: a new ShardExchange (owned here, like the KV pool) for new followers.
+    """
+
+    def __init__(self, config: PipelineConfig, run_dir: str, max_running: int):
+        self.config, self.max_running = config, max_running
+        names = ("prefill", "decode", "tok-prefill", "tok-decode")
+        self.endpoints = {name: ipc_endpoint(run_dir, name) for name in names}
+        self.handles: dict[str, list] = {PREFILL: [], DECODE: []}
+        self.restarting: set[str] = set()
+        self.pool = self.exchange = self.supervisor = None
+
+    def open(self, on_death) -> None:
+        """Create the KV pool and sockets, spawn every worker (call wait_ready next). Event loop thread."""
+        c = self.config
+        for prefix in (KV_POOL_PREFIX, EXCHANGE_PREFIX):  # left by a gateway that was SIGKILLed
+            for name in cleanup_stale(prefix):
+                log.warning("removed stale shared memory /dev/shm/%s", name)
+        self.pool = SharedKVPool.create(KV_POOL_PREFIX, c.kv_widths, c.kv_pages, c.page_size, c.kv_dtype)
+        self.prefill_tokens = AsyncPullQueue(self.endpoints["tok-prefill"], bind=True)
+        self.decode_tokens = AsyncPullQueue(self.endpoints["tok-decode"], bind=True)
+        self.prefill_requests = AsyncPushQueue(self.endpoints["prefill"], bind=False)
+        self.decode_inbox = AsyncPushQueue(self.endpoints["decode"], bind=False)
+        self.supervisor = Supervisor(on_death)
+        self.start_group(PREFILL)
+        self.start_group(DECODE)
+
+    def start_group(self, role: str) -> None:
+        handles = self._spawn_prefill() if role == PREFILL else self._spawn_decode_pool()
+        self.handles[role] = handles
+        for handle in handles:
+            self.supervisor.watch(handle)
+
+    def _spawn_prefill(self) -> list:
+        c = self.config
+        config = PrefillWorkerConfig(0, c.weights, None, self.pool.descriptor.as_dict(), self.endpoints["prefill"],
+                                     self.endpoints["tok-prefill"], self.endpoints["decode"], c.max_context,
+                                     c.max_batch_tokens)  # fmt: skip
+        return [spawn_worker(run_prefill_worker, "gpu-prefill-0", prefill_title(0), (with_device(config, c.gpu),))]
+
+    def _spawn_decode_pool(self) -> list:
+        from krasis.cpu_worker.shard_exchange import ShardExchange
+
+        c, shards = self.config, len(self.config.placements)
+        if shards > 1:
+            self.exchange = ShardExchange.create(shards, self.max_running, c.hidden_size, c.top_k, c.kv_dtype,
+                                                 name_prefix=EXCHANGE_PREFIX)
+        exchange = None if self.exchange is None else self.exchange.descriptor.as_dict()
+
+        weights = dataclasses.replace(c.weights, device="cpu")  # the decode pool runs from system RAM
+
+        def spawn(placement, pids):
+            config = DecodeWorkerConfig(placement, shards, weights, self.pool.descriptor.as_dict(),
+                                        self.endpoints["decode"], self.endpoints["tok-decode"], c.max_context,
+                                        exchange, pids)  # fmt: skip
+            title = decode_title(placement.index)
+            return spawn_worker(run_decode_worker, title, title, (config,))
+
+        followers = [spawn(p, ()) for p in c.placements[1:]]  # first: the leader watches their pids
+        leader = spawn(c.placements[0], (0, *(f.pid for f in followers)))
+        return [leader, *followers]
+
+    def wait_ready(self, role: str | None = None) -> None:
+        for group in [role] if role else [PREFILL, DECODE]:
+            for handle in self.handles[group]:
+                handle.wait_ready(self.config.ready_timeout_s)
+
+    def role_of(self, handle) -> str | None:
+        return next((role for role, handles in self.handles.items() if handle in handles), None)
+
+    def stop_group(self, role: str) -> None:
+        """Terminate a group's processes (any thread); the decode pool's exchange goes with them."""
+        for handle in self.handles[role]:
+            self.supervisor.unwatch(handle)
+            handle.terminate()
+        if role == DECODE and self.exchange is not None:
+            self.exchange.close()
+            self.exchange = None
+
+    def close(self) -> None:
+        """Stop watching, stop every worker, remove the shared memory."""
+        if self.supervisor is not None:
+            self.supervisor.close()
+            for role in (PREFILL, DECODE):
+                self.stop_group(role)
+        if self.pool is not None:
+            self.pool.close()
+
+    def close_sockets(self) -> None:
+        for name in ("prefill_tokens", "decode_tokens", "prefill_requests", "decode_inbox"):
+            queue = getattr(self, name, None)
+            if queue is not None:
+                queue.close()

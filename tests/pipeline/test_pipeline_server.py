@@ -1,0 +1,167 @@
+"""The pipeline server end to end: real worker processes, the official openai client, worker deaths, shutdown."""
+
+import asyncio
+import json
+import os
+import signal
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from click.testing import CliRunner
+from openai import AsyncOpenAI, OpenAI
+
+from krasis.common.shm import cleanup_stale
+from krasis.ctl.main import cli
+from tests.pipeline.conftest import shm_segments, worker_pids
+from tests.server.conftest import metric
+
+PROMPTS = ["def add(a, b):\n    return a + b", "The capital of France is"]
+MAX_TOKENS = 12
+
+
+def generate_cli(model_dir, prompt: str, max_tokens: int) -> dict:
+    args = ["generate", "--json", "--dtype", "fp32", "--model", str(model_dir), "--prompt", prompt,
+            "--max-tokens", str(max_tokens), "--ignore-eos"]  # fmt: skip
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_model_dir) -> dict[str, dict]:
+    """`krasis-ctl generate --json` of each prompt: token_ids, text, finish_reason."""
+    return {p: generate_cli(tiny_model_dir, p, MAX_TOKENS) for p in PROMPTS}
+
+
+def openai_client(server) -> OpenAI:
+    return OpenAI(base_url=server.url("/v1"), api_key="unused", max_retries=0, timeout=30)
+
+
+def model_name(client) -> str:
+    return client.models.list().data[0].id
+
+
+def health_status(server) -> int:
+    try:
+        with urllib.request.urlopen(server.url("/health"), timeout=2) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def complete_ids(client, prompt: str, max_tokens: int = MAX_TOKENS) -> list[int]:
+    out = client.completions.create(model=model_name(client), prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                    extra_body={"ignore_eos": True, "return_token_ids": True})  # fmt: skip
+    assert out.choices[0].finish_reason == "length"
+    return out.choices[0].model_dump()["token_ids"]
+
+
+@pytest.mark.parametrize("cpu_workers", [1, 2])
+def test_greedy_output_equals_generate_cli(servers, expected, cpu_workers):
+    client = openai_client(servers(cpu_workers))
+    for prompt in PROMPTS:
+        assert complete_ids(client, prompt) == expected[prompt]["token_ids"], prompt
+
+
+def test_worker_process_titles_are_visible_in_cmdline(servers):
+    titles = set(worker_pids(servers(2)))
+    assert titles == {"krasis::gpu-prefill-0", "krasis::cpu-decode-0", "krasis::cpu-decode-1"}
+
+
+def test_concurrent_streams_all_complete_with_the_same_tokens(servers, expected):
+    server = servers(2)
+
+    async def stream(client, prompt: str) -> tuple[str, list[str]]:
+        text, reasons = "", []
+        chunks = await client.completions.create(model="tiny-qwen3-moe", prompt=prompt, max_tokens=MAX_TOKENS,
+                                                 temperature=0, stream=True, extra_body={"ignore_eos": True})
+        async for chunk in chunks:
+            text += chunk.choices[0].text
+            reasons += [chunk.choices[0].finish_reason] if chunk.choices[0].finish_reason else []
+        return text, reasons
+
+    async def run_all():
+        client = AsyncOpenAI(base_url=server.url("/v1"), api_key="unused", max_retries=0, timeout=60)
+        prompts = PROMPTS * 4
+        results = await asyncio.wait_for(asyncio.gather(*(stream(client, p) for p in prompts)), 60)
+        await client.close()
+        return prompts, results
+
+    prompts, results = asyncio.run(run_all())
+    for prompt, (text, reasons) in zip(prompts, results):
+        assert text == expected[prompt]["text"] and reasons == ["length"]
+
+
+@pytest.mark.parametrize("cpu_workers,title", [(2, "krasis::cpu-decode-1"), (1, "krasis::gpu-prefill-0")])
+def test_killing_a_worker_mid_stream_errors_then_the_restarted_worker_serves(servers, expected, cpu_workers, title):
+    server = servers(cpu_workers)
+    client = openai_client(server)
+    victim = worker_pids(server)[title]
+    stream = client.completions.create(model=model_name(client), prompt=PROMPTS[0], max_tokens=230, temperature=0,
+                                       stream=True, extra_body={"ignore_eos": True})  # fmt: skip
+    chunks = iter(stream)
+    next(chunks)
+    os.kill(victim, signal.SIGKILL)
+    killed_at, finish = time.monotonic(), None
+    with pytest.raises(Exception) as failure:  # the SSE error event: openai raises APIError from the stream
+        for chunk in chunks:
+            finish = chunk.choices[0].finish_reason or finish
+    assert finish is None, "the stream ended normally before the worker died"
+    assert time.monotonic() - killed_at < 2.0
+    assert "died" in str(failure.value)
+    assert health_status(server) == 503
+    deadline = time.monotonic() + 60
+    while health_status(server) != 200:
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.2)
+    assert worker_pids(server)[title] != victim
+    assert complete_ids(client, PROMPTS[1]) == expected[PROMPTS[1]]["token_ids"]
+    wait_until_no_kv_pages_in_use(server)  # the failed stream's pages came back once both workers confirmed
+
+
+def test_client_disconnect_frees_kv_pages(servers):
+    server = servers(1)
+    client = openai_client(server)
+    stream = client.completions.create(model=model_name(client), prompt=PROMPTS[1], max_tokens=200, temperature=0,
+                                       stream=True, extra_body={"ignore_eos": True})  # fmt: skip
+    next(iter(stream))
+    assert metric(server, "krasis_kv_pages_in_use") > 0
+    stream.close()
+    wait_until_no_kv_pages_in_use(server)
+
+
+def wait_until_no_kv_pages_in_use(server, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while metric(server, "krasis_kv_pages_in_use") != 0:
+        assert time.monotonic() < deadline, "an ended request's KV pages were not freed"
+        time.sleep(0.05)
+
+
+def test_sigterm_stops_every_worker_and_removes_shared_memory(servers):
+    server = servers(1)
+    pids = list(worker_pids(server).values())
+    assert pids and shm_segments(server.proc.pid)
+    assert server.stop() == 0
+    assert shm_segments(server.proc.pid) == []
+    deadline = time.monotonic() + 5
+    while any(os.path.exists(f"/proc/{pid}") for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in pids)
+
+
+def test_a_killed_gateway_leaves_no_worker_behind(servers):
+    server = servers(2)
+    pids = list(worker_pids(server).values())
+    segments = shm_segments(server.proc.pid)
+    assert len(pids) == 3 and len(segments) == 2  # the KV pool and the expert exchange
+    server.proc.kill()
+    server.proc.wait()
+    deadline = time.monotonic() + 5  # workers stop on PDEATHSIG
+    while any(os.path.exists(f"/proc/{pid}") for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in pids)
+    # what SIGKILL cannot clean, the next gateway's start removes (cleanup_stale of its prefixes)
+    removed = cleanup_stale("krasis-kv") + cleanup_stale("krasis-experts")
+    assert sorted(segments) == sorted(n for n in removed if n in segments)
