@@ -185,15 +185,20 @@ class ResponseBuilder:
                  include_usage: bool, return_token_ids: bool):
         self.chat, self.id, self.model, self.created = chat, response_id, model, created
         self.token_texts, self.include_usage, self.return_token_ids = token_texts, include_usage, return_token_ids
+        self._unsent_ids: dict[int, list[int]] = {}  # per choice: tokens of pieces that made no chunk yet
 
     def role_chunk(self, index: int) -> dict:
         return self._chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                              "finish_reason": None}])
 
     def chunk(self, piece: Piece) -> dict | None:
-        """The chunk for one piece; None when it adds nothing a client could see."""
+        """The chunk for one piece; None when it adds nothing a client could see (its token ids wait
+        for the next chunk of that choice, so the streamed token_ids add up to the whole sequence)."""
+        token_ids = self._unsent_ids.setdefault(piece.index, [])
+        token_ids += piece.token_ids
         if not piece.text and not piece.logprobs and piece.finish_reason is None:
             return None
+        self._unsent_ids[piece.index] = []
         logprobs = self._logprobs(piece.logprobs, piece.text_offsets) if piece.logprobs else None
         if self.chat:
             delta = {"content": piece.text} if piece.text or piece.finish_reason is None else {}
@@ -202,7 +207,7 @@ class ResponseBuilder:
             choice = {"index": piece.index, "text": piece.text, "logprobs": logprobs}
         choice["finish_reason"] = piece.finish_reason
         if self.return_token_ids:
-            choice["token_ids"] = piece.token_ids
+            choice["token_ids"] = token_ids
         return self._chunk([choice])
 
     def usage_chunk(self, choices: list[Choice]) -> dict:

@@ -325,3 +325,12 @@ def test_health_and_metrics(server):
                  "krasis_time_to_first_token_seconds_bucket", "krasis_inter_token_latency_seconds_count"):
         assert f"\n{name}" in text, name
     assert metric(server, "krasis_kv_pages_total") == 8 * 256 // 16
+
+
+def test_streamed_token_ids_add_up_to_the_whole_sequence(client, model):
+    # A prompt in CJK and emoji makes pieces that hold back partial characters (no chunk of their own).
+    fields = dict(model=model, prompt="汉字 🙂 emoji", max_tokens=24, temperature=0,
+                  extra_body={"ignore_eos": True, "return_token_ids": True})
+    whole = client.completions.create(**fields).choices[0].model_dump()["token_ids"]
+    streamed = [c.choices[0].model_dump().get("token_ids") or [] for c in client.completions.create(stream=True, **fields)]
+    assert [t for ids in streamed for t in ids] == whole and len(whole) == 24
