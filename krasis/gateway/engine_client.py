@@ -86,6 +86,22 @@ class EngineClient(ABC):
     @abstractmethod
     def stats(self) -> EngineStats: ...
 
+    async def _events(self, request_id: str, events: asyncio.Queue) -> AsyncIterator[TokenEvent]:
+        """A request's queued events up to the finishing one (an EngineError item is raised);
+        closed before that, the sequence is aborted. Implementations of `generate` share this."""
+        finished = False
+        try:
+            while not finished:
+                item = await events.get()
+                if isinstance(item, EngineError):
+                    finished = True
+                    raise item
+                finished = item.finish_reason is not None
+                yield item
+        finally:
+            if not finished:
+                self.abort(request_id)
+
 
 class InProcessEngineClient(EngineClient):
     """Runs `engine.step()` on one dedicated thread, fed by a thread-safe command queue; events reach
@@ -119,19 +135,12 @@ class InProcessEngineClient(EngineClient):
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = stream
         self._commands.put(("add", request_id, list(prompt_ids), params))
-        finished = False
         try:
-            while not finished:
-                item = await stream.get()
-                if isinstance(item, EngineError):
-                    finished = True
-                    raise item
-                finished = item.finish_reason is not None
-                yield item
+            async with contextlib.aclosing(self._events(request_id, stream)) as events:
+                async for item in events:
+                    yield item
         finally:
             del self._streams[request_id]
-            if not finished:
-                self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))

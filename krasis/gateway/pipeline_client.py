@@ -8,6 +8,7 @@ request; /health is 503 until it (for a decode worker, the whole pool) is restar
 """
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import secrets
@@ -116,18 +117,9 @@ class PipelineEngineClient(EngineClient):
         self._requests[request_id] = request
         self._waiting.append(request)
         self._dispatch_waiting()
-        finished = False
-        try:
-            while not finished:
-                item = await request.stream.get()
-                if isinstance(item, EngineError):
-                    finished = True
-                    raise item
-                finished = item.finish_reason is not None
+        async with contextlib.aclosing(self._events(request_id, request.stream)) as events:
+            async for item in events:
                 yield item
-        finally:
-            if not finished:
-                self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
         request = self._requests.get(request_id)
