@@ -25,6 +25,7 @@ class EngineConfig:
     kv_pages: int
     page_size: int = 16
     max_batch_tokens: int = 2048  # new tokens per forward step (bounds prefill activation memory)
+    state_slots: int = 64  # sequences running at once, for models with per-sequence state (linear attention)
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,13 @@ class EngineCore:
         self.model, self.config, self.eos_token_ids, self.vocab_size = model, config, eos_token_ids, vocab_size
         self.device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
-        self.kv = KVCache.allocate(model.kv_widths, config.kv_pages, config.page_size, dtype, self.device)
+        self.kv = KVCache.allocate(
+            model.kv_widths, config.kv_pages, config.page_size, dtype, self.device,
+            state_widths=model.state_widths, num_state_slots=config.state_slots,
+        )  # fmt: skip
         self.allocator = PageAllocator(config.kv_pages)
+        # One state row per running sequence, only for models that keep per-sequence state.
+        self.state_allocator = PageAllocator(self.kv.num_state_slots) if self.kv.num_state_slots else None
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
 
@@ -61,7 +67,7 @@ class EngineCore:
         for queue in (self.waiting, self.running):
             for seq in [s for s in queue if s.request_id == request_id]:
                 queue.remove(seq)
-                self.allocator.free(seq.page_table)
+                self._release(seq)
 
     @property
     def has_work(self) -> bool:
@@ -75,9 +81,11 @@ class EngineCore:
         while self.waiting:
             seq = self.waiting[0]
             pages = self.kv.pages_for(self._reserved_tokens(seq.num_prompt_tokens, seq.params))
-            if pages > self.allocator.num_free:
+            if pages > self.allocator.num_free or (self.state_allocator and not self.state_allocator.num_free):
                 return
             seq.page_table = self.allocator.allocate(pages)
+            if self.state_allocator is not None:
+                seq.state_slot = self.state_allocator.allocate(1)[0]
             self.running.append(self.waiting.pop(0))
 
     @torch.inference_mode()
@@ -99,4 +107,11 @@ class EngineCore:
 
     def _finish(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        self._release(seq)
+
+    def _release(self, seq: Sequence) -> None:
         self.allocator.free(seq.page_table)
+        seq.page_table = []
+        if seq.state_slot is not None:
+            self.state_allocator.free([seq.state_slot])
+            seq.state_slot = None

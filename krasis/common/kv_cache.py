@@ -35,16 +35,29 @@ class KVCache:
     Each attention layer decides its width and what it stores (GQA: K and V heads; MLA: the latent and k_pe).
     The tensors may live anywhere (process memory, a shared-memory pool); pages are handed out by the
     scheduler's PageAllocator, never here, so every process viewing one pool agrees on who owns a page.
+
+    Layers with per-sequence state instead of per-token KV (linear attention) keep it in `states[layer]`:
+    one fp32 [num_state_slots, width] tensor per layer (width 0 for layers without state), a sequence
+    owning one row (its state slot) in every layer. The layer decides what the row holds.
     """
 
-    def __init__(self, layers: list[torch.Tensor], page_size: int):
+    def __init__(self, layers: list[torch.Tensor], page_size: int, states: list[torch.Tensor] | None = None):
         self.layers, self.page_size = layers, page_size
         self.num_pages = layers[0].shape[0] // page_size if layers else 0
+        self.states = states if states is not None else [torch.zeros(0, 0) for _ in layers]
+        self.num_state_slots = max((s.shape[0] for s in self.states), default=0)
 
     @classmethod
-    def allocate(cls, layer_widths: list[int], num_pages: int, page_size: int, dtype, device) -> "KVCache":
-        """A pool in this process's memory."""
-        return cls([torch.zeros(num_pages * page_size, w, dtype=dtype, device=device) for w in layer_widths], page_size)
+    def allocate(
+        cls, layer_widths: list[int], num_pages: int, page_size: int, dtype, device,
+        state_widths: list[int] | None = None, num_state_slots: int = 0,
+    ) -> "KVCache":  # fmt: skip
+        """A pool in this process's memory; state rows only when some layer has state (they are fp32 always)."""
+        layers = [torch.zeros(num_pages * page_size, w, dtype=dtype, device=device) for w in layer_widths]
+        widths = state_widths if state_widths is not None else [0] * len(layer_widths)
+        slots = num_state_slots if any(widths) else 0
+        states = [torch.zeros(slots if w else 0, w, dtype=torch.float32, device=device) for w in widths]
+        return cls(layers, page_size, states)
 
     def pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_size)
@@ -69,10 +82,16 @@ class SequenceSlice:
     query_start: int  # offset of its first new token in the flat token batch
     query_len: int
     context_slots: torch.Tensor  # [context_len] KV slots of all its tokens, old and new
+    state_slot: int | None = None  # its row in KVCache.states (models with per-sequence state only)
 
     @property
     def context_len(self) -> int:
         return self.context_slots.numel()
+
+    @property
+    def num_cached(self) -> int:
+        """Tokens processed before this step: 0 means the sequence starts here and its state is ignored."""
+        return self.context_len - self.query_len
 
 
 @dataclass

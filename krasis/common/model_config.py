@@ -65,7 +65,17 @@ def read_hf_config(model_dir: str | Path) -> dict:
         raise ConfigError(f"{path}: unreadable config: {exc}") from None
     if not isinstance(raw, dict) or "model_type" not in raw:
         raise ConfigError(f"{path}: no model_type field")
-    return raw
+    return _flatten_text_config(raw)
+
+
+def _flatten_text_config(raw: dict) -> dict:
+    """A multimodal wrapper's text model fields at the top, under the wrapper's model_type; the wrapper's own
+    fields (tie_word_embeddings, quantization_config) win, as the wrapper's are the ones transformers applies."""
+    text = raw.get("text_config")
+    if not isinstance(text, dict):
+        return raw
+    outer = {k: v for k, v in raw.items() if k not in ("text_config", "vision_config", "audio_config")}
+    return {**text, **outer}
 
 
 def require(raw: dict, *names: str):

@@ -23,7 +23,8 @@ class Sequence:
     params: SamplingParams
     sampler: SequenceSampler
     page_table: list[int] = field(default_factory=list)
-    num_cached: int = 0  # tokens whose KV is in the cache
+    num_cached: int = 0  # tokens whose KV (and, for linear-attention layers, state) is in the cache
+    state_slot: int | None = None  # its row in KVCache.states; None for models without per-sequence state
 
     @property
     def num_generated(self) -> int:
@@ -81,7 +82,7 @@ def forward_batch(plan: Plan, kv: KVCache, device, page_tables: list[list[int]] 
         ids.extend(seq.token_ids[begin:end])
         positions.append(torch.arange(begin, end, device=device))
         write_slots.append(kv.slots(table, begin, end, device))
-        slices.append(SequenceSlice(start, take, kv.slots(table, 0, end, device)))
+        slices.append(SequenceSlice(start, take, kv.slots(table, 0, end, device), seq.state_slot))
         start += take
     batch = ForwardBatch(torch.cat(positions), torch.cat(write_slots), slices, kv)
     return torch.tensor(ids, dtype=torch.long, device=device), batch

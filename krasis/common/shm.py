@@ -1,11 +1,14 @@
 """A paged KV pool in POSIX shared memory: the GPU prefill worker writes prompt KV, CPU decode workers read it in place.
 
 One segment, /dev/shm/<prefix>-<owner pid>-<token>, holds every layer's [num_pages * page_size, width] region at a
-page-aligned offset. The owner creates and unlinks it; other processes attach from a KVPoolDescriptor. Page
-allocation is not here: one scheduler owns the PageAllocator and tells workers which pages a sequence uses.
+page-aligned offset, then every layer's per-sequence state region (fp32 [num_state_slots, state_width]: the conv and
+recurrent state of linear-attention layers; width 0 for layers without one). The owner creates and unlinks
+it; other processes attach from a KVPoolDescriptor. Page and state-slot allocation is not here: one scheduler
+owns the allocators and tells workers which pages and slot a sequence uses.
 """
 
 import atexit
+import dataclasses
 import errno
 import mmap
 import os
@@ -38,6 +41,9 @@ class KVPoolDescriptor:
     layer_widths: tuple[int, ...]
     layer_offsets: tuple[int, ...]  # byte offset of each layer's region in the segment
     size: int  # bytes of the whole segment
+    state_widths: tuple[int, ...] = ()  # fp32 values per sequence slot, per layer ((): no layer has state)
+    num_state_slots: int = 0
+    state_offsets: tuple[int, ...] = ()
 
     @property
     def rows(self) -> int:
@@ -47,6 +53,8 @@ class KVPoolDescriptor:
         return {
             "name": self.name, "dtype": self.dtype, "page_size": self.page_size, "num_pages": self.num_pages,
             "layer_widths": list(self.layer_widths), "layer_offsets": list(self.layer_offsets), "size": self.size,
+            "state_widths": list(self.state_widths), "num_state_slots": self.num_state_slots,
+            "state_offsets": list(self.state_offsets),
         }  # fmt: skip
 
     @classmethod
@@ -56,7 +64,8 @@ class KVPoolDescriptor:
             descriptor = cls(
                 str(fields["name"]), str(fields["dtype"]), int(fields["page_size"]), int(fields["num_pages"]),
                 tuple(int(w) for w in fields["layer_widths"]), tuple(int(o) for o in fields["layer_offsets"]),
-                int(fields["size"]),
+                int(fields["size"]), tuple(int(w) for w in fields["state_widths"]), int(fields["num_state_slots"]),
+                tuple(int(o) for o in fields["state_offsets"]),
             )  # fmt: skip
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed KV pool descriptor: {exc!r}") from None
@@ -64,13 +73,20 @@ class KVPoolDescriptor:
         return descriptor
 
 
-def _layout(widths: tuple[int, ...], rows: int, itemsize: int) -> tuple[tuple[int, ...], int]:
-    """(byte offset of each layer, segment size), each region starting on an _ALIGN boundary."""
-    offsets, end = [], 0
+def _layout(widths: tuple[int, ...], rows: int, itemsize: int, start: int = 0) -> tuple[tuple[int, ...], int]:
+    """(byte offset of each region, end), each region starting on an _ALIGN boundary."""
+    offsets, end = [], start
     for width in widths:
         offsets.append(end)
         end += -(-rows * width * itemsize // _ALIGN) * _ALIGN
     return tuple(offsets), end
+
+
+def _full_layout(d: "KVPoolDescriptor") -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    """(KV region offsets, state region offsets, segment size) of a descriptor's widths, pages and slots."""
+    layer_offsets, end = _layout(d.layer_widths, d.rows, _DTYPE_BYTES[d.dtype])
+    state_offsets, end = _layout(d.state_widths, d.num_state_slots, 4, end)
+    return layer_offsets, state_offsets, end
 
 
 def _check(d: KVPoolDescriptor) -> None:
@@ -78,10 +94,14 @@ def _check(d: KVPoolDescriptor) -> None:
         raise ValueError(f"bad KV pool name {d.name!r}")
     if d.dtype not in _DTYPE_BYTES:
         raise ValueError(f"KV pool dtype {d.dtype!r} is not one of {sorted(_DTYPE_BYTES)}")
-    if d.page_size < 1 or d.num_pages < 1 or not d.layer_widths or min(d.layer_widths) < 1:
-        raise ValueError(f"KV pool needs page_size, num_pages and every layer width >= 1, got {d}")
-    if (d.layer_offsets, d.size) != _layout(d.layer_widths, d.rows, _DTYPE_BYTES[d.dtype]):
-        raise ValueError(f"KV pool {d.name}: offsets/size do not match its widths, pages and dtype")
+    if d.page_size < 1 or d.num_pages < 1 or not d.layer_widths or min(d.layer_widths) < 0 or max(d.layer_widths) < 1:
+        raise ValueError(f"KV pool needs page_size, num_pages >= 1 and layer widths >= 0, one >= 1, got {d}")
+    if d.state_widths and (len(d.state_widths) != len(d.layer_widths) or min(d.state_widths) < 0):
+        raise ValueError(f"KV pool needs one state width >= 0 per layer, got {d.state_widths}")
+    if d.num_state_slots < 0 or (any(d.state_widths) and d.num_state_slots < 1):
+        raise ValueError(f"KV pool with state layers needs num_state_slots >= 1, got {d.num_state_slots}")
+    if (d.layer_offsets, d.state_offsets, d.size) != _full_layout(d):
+        raise ValueError(f"KV pool {d.name}: offsets/size do not match its widths, pages, slots and dtype")
 
 
 def _dtype_name(dtype) -> str:
@@ -89,18 +109,23 @@ def _dtype_name(dtype) -> str:
 
 
 class SharedKVPool:
-    """One process's mapping of a KV pool segment; `layers` are [num_pages * page_size, width] tensors on it."""
+    """One process's mapping of a KV pool segment: `layers` ([num_pages * page_size, width]) and `states`
+    (fp32 [num_state_slots, state_width]) are tensors viewing it."""
 
     def __init__(self, descriptor: KVPoolDescriptor, mapping: mmap.mmap, owner_pid: int | None):
         self.descriptor, self._mapping, self._owner_pid = descriptor, mapping, owner_pid
         self._layers: list | None = None
+        self._states: list | None = None
 
     num_pages = property(lambda self: self.descriptor.num_pages)
     page_size = property(lambda self: self.descriptor.page_size)
     is_owner = property(lambda self: self._owner_pid == os.getpid())  # not a forked child of the owner
 
     @classmethod
-    def create(cls, name_prefix: str, layer_widths, num_pages: int, page_size: int, dtype, reserve: bool = True):
+    def create(
+        cls, name_prefix: str, layer_widths, num_pages: int, page_size: int, dtype, reserve: bool = True,
+        state_widths=(), num_state_slots: int = 0,
+    ):  # fmt: skip
         """Create and map a new segment owned by this process: unlinked on close(), on SIGTERM and at exit.
 
         `reserve` claims the memory now (posix_fallocate), so a full /dev/shm fails here, not as SIGBUS on a write.
@@ -108,9 +133,14 @@ class SharedKVPool:
         if not _NAME.fullmatch(name_prefix):
             raise ValueError(f"bad KV pool name prefix {name_prefix!r}")
         dtype, widths = _dtype_name(dtype), tuple(int(w) for w in layer_widths)
-        offsets, size = _layout(widths, num_pages * page_size, _DTYPE_BYTES.get(dtype, 1))
+        states = tuple(int(w) for w in state_widths) if any(state_widths) else ()
+        slots = num_state_slots if states else 0
         name = f"{name_prefix}-{os.getpid()}-{secrets.token_hex(4)}"
-        descriptor = KVPoolDescriptor(name, dtype, page_size, num_pages, widths, offsets, size)
+        draft = KVPoolDescriptor(name, dtype, page_size, num_pages, widths, (), 0, states, slots)
+        if dtype not in _DTYPE_BYTES:
+            _check(draft)  # names the bad dtype
+        offsets, state_offsets, size = _full_layout(draft)
+        descriptor = dataclasses.replace(draft, layer_offsets=offsets, size=size, state_offsets=state_offsets)
         _check(descriptor)
         _check_space(size)
         _track_owned(SHM_DIR / name)
@@ -145,12 +175,23 @@ class SharedKVPool:
         if self._mapping is None:
             raise ValueError(f"KV pool {self.descriptor.name} is closed")
         if self._layers is None:
-            self._layers = _tensor_views(self.descriptor, self._mapping)
+            d = self.descriptor
+            self._layers = _tensor_views(self._mapping, d.dtype, d.rows, d.layer_widths, d.layer_offsets)
         return self._layers
+
+    @property
+    def states(self) -> list:
+        """fp32 [num_state_slots, state_width] tensors viewing the segment, one per layer (empty: no layer has state)."""
+        if self._mapping is None:
+            raise ValueError(f"KV pool {self.descriptor.name} is closed")
+        if self._states is None:
+            d = self.descriptor
+            self._states = _tensor_views(self._mapping, "float32", d.num_state_slots, d.state_widths, d.state_offsets)
+        return self._states
 
     def close(self) -> None:
         """Detach (the owner also unlinks). Tensors still in use keep the mapping alive until they are freed."""
-        self._layers = None
+        self._layers = self._states = None
         if self._mapping is not None:
             try:
                 self._mapping.close()
@@ -173,16 +214,19 @@ class SharedKVPool:
         self.close()
 
 
-def _tensor_views(descriptor: KVPoolDescriptor, mapping: mmap.mmap) -> list:
+def _tensor_views(mapping: mmap.mmap, dtype_name: str, rows: int, widths, offsets) -> list:
     # torch here, not at the top: the owner (the scheduler) needs the segment, not tensors, and torch is slow to import.
     import torch
 
-    dtype, buffer, views = getattr(torch, descriptor.dtype), memoryview(mapping), []
-    for width, offset in zip(descriptor.layer_widths, descriptor.layer_offsets):
-        nbytes = descriptor.rows * width * _DTYPE_BYTES[descriptor.dtype]
+    dtype, buffer, views = getattr(torch, dtype_name), memoryview(mapping), []
+    for width, offset in zip(widths, offsets):
+        nbytes = rows * width * _DTYPE_BYTES[dtype_name]
+        if nbytes == 0:
+            views.append(torch.empty(rows, width, dtype=dtype))
+            continue
         # A memoryview slice, not the mmap: torch holds it, and its export stops mmap.close() under a live tensor.
         raw = torch.frombuffer(buffer[offset : offset + nbytes], dtype=torch.uint8)
-        views.append(raw.view(dtype).view(descriptor.rows, width))
+        views.append(raw.view(dtype).view(rows, width))
     return views
 
 
@@ -190,7 +234,7 @@ def shared_kv_cache(pool: SharedKVPool):
     """A KVCache whose layers are the pool's shared tensors (pages are allocated by the scheduler)."""
     from krasis.common.kv_cache import KVCache  # lazily, like torch, which it imports
 
-    return KVCache(pool.layers, pool.page_size)
+    return KVCache(pool.layers, pool.page_size, pool.states or None)
 
 
 def _check_space(size: int) -> None:

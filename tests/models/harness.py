@@ -6,13 +6,15 @@ from krasis.common.kv_cache import ForwardBatch, KVCache, SequenceSlice
 
 
 class SingleSequence:
-    """One sequence's KV pages, fed token chunks in order."""
+    """One sequence's KV pages (and state slot 0, for models with per-sequence state), fed token chunks in order."""
 
     def __init__(self, model, max_tokens: int, page_size: int = 16):
         param = next(model.parameters())
         pages = -(-max_tokens // page_size)
         self.model, self.device = model, param.device
-        self.kv = KVCache.allocate(model.kv_widths, pages, page_size, param.dtype, param.device)
+        self.kv = KVCache.allocate(
+            model.kv_widths, pages, page_size, param.dtype, param.device, model.state_widths, num_state_slots=1
+        )
         self.page_table = list(range(pages))
         self.num_cached = 0
 
@@ -23,7 +25,7 @@ class SingleSequence:
         batch = ForwardBatch(
             positions=torch.arange(begin, end, device=self.device),
             write_slots=self.kv.slots(self.page_table, begin, end, self.device),
-            seqs=[SequenceSlice(0, len(token_ids), self.kv.slots(self.page_table, 0, end, self.device))],
+            seqs=[SequenceSlice(0, len(token_ids), self.kv.slots(self.page_table, 0, end, self.device), state_slot=0)],
             kv=self.kv,
         )
         hidden = self.model(torch.tensor(token_ids, device=self.device), batch)

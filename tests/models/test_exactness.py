@@ -38,7 +38,8 @@ def test_bf16_errs_no_more_than_transformers_bf16(model_dir, reference, variant)
     """bf16 (our default) vs exact, per token (bf16 rounding breaks near-tie router choices either way), against the reference's own bf16."""
     from krasis.common.model_loader import load_model
 
-    tokens = prompt(80, reference.config.vocab_size, seed=4)
+    vocab_size = reference.config.get_text_config().vocab_size  # a multimodal wrapper keeps it in text_config
+    tokens = prompt(80, vocab_size, seed=4)
     exact = reference_logits(reference, tokens)
     reference_err = median_token_error(reference_logits(reference.to(torch.bfloat16), tokens), exact)
     ours_err = median_token_error(teacher_forced_logits(load_model(model_dir, dtype=torch.bfloat16), tokens), exact)

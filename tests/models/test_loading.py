@@ -95,7 +95,8 @@ def test_wrong_shape_is_named(lite_dir):
 
 def test_unknown_model_type_lists_supported(lite_dir):
     _edit_config(lite_dir, lambda raw: raw.update(model_type="llama4"))
-    with pytest.raises(ConfigError, match=r"unsupported model_type 'llama4'; supported: deepseek_v2, qwen3_moe"):
+    supported = "deepseek_v2, qwen3_5_moe, qwen3_moe, qwen3_next"
+    with pytest.raises(ConfigError, match=rf"unsupported model_type 'llama4'; supported: {supported}"):
         load_model(lite_dir)
 
 
@@ -119,3 +120,17 @@ def test_corrupt_header_is_a_clear_error(lite_dir):
 def test_missing_config_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="no config.json"):
         load_model(tmp_path)
+
+
+def test_qwen3_5_text_model_loads_without_vision_tower_or_mtp_head(checkpoint_dirs, tmp_path):
+    copy = tmp_path / "qwen3_5"
+    shutil.copytree(checkpoint_dirs("qwen3_5_moe-base"), copy)
+    tensors = load_file(copy / "model.safetensors")
+    assert any(name.startswith("model.visual.") for name in tensors)
+    expected = teacher_forced_logits(load_model(copy, dtype=torch.float32), TOKENS)
+    tensors["mtp.fc.weight"] = torch.ones(2, 2)  # the published checkpoints carry a multi-token-prediction head
+    del tensors["model.language_model.layers.0.linear_attn.A_log"]
+    save_file(tensors, copy / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"1 missing tensor: model\.layers\.0\.linear_attn\.A_log$"):
+        load_model(copy)
+    assert expected.isfinite().all()

@@ -22,6 +22,16 @@ BOUNDS = {  # plan -> (max mean KL in nats, min top-1 agreement)
     ("q8:g32", "q8:g32"): (0.03, 0.85),
     ("q4", "bf16"): (0.4, 0.5),
 }
+# The Gated DeltaNet fixtures are far sharper still: their state carries every rounding error to all later
+# tokens, and bf16 alone already reaches KL 0.08-0.28, top-1 0.73-0.81 (measured 2026-11-28, qwen3_next-base
+# and qwen3_5_moe-base). Their bounds are relative to the unquantized bf16 model: (KL factor, KL slack, top-1
+# drop). Measured: q8:g32 experts ~1.25x bf16's KL, with dense too ~2.7x (any perturbation of this size lands
+# in 0.1-0.4 nats here); q4 experts ~1.6 nats, top-1 0.25-0.28 (broken: several nats, top-1 ~0.002).
+HYBRID_BOUNDS = {
+    ("q8:g32", "bf16"): (1.5, 0.05, 0.15),
+    ("q8:g32", "q8:g32"): (3.0, 0.1, 0.2),
+    ("q4", "bf16"): (1.0, 2.0, 0.6),
+}
 
 
 def kl_and_top1(exact: torch.Tensor, approx: torch.Tensor) -> tuple[float, float]:
@@ -30,7 +40,7 @@ def kl_and_top1(exact: torch.Tensor, approx: torch.Tensor) -> tuple[float, float
     return float(kl), float((exact.argmax(-1) == approx.argmax(-1)).float().mean())
 
 
-@pytest.mark.parametrize("name", ["qwen3_moe-base", "deepseek_v2-lite"])
+@pytest.mark.parametrize("name", ["qwen3_moe-base", "deepseek_v2-lite", "qwen3_next-base", "qwen3_5_moe-base"])
 @pytest.mark.parametrize("plan", sorted(BOUNDS))
 def test_quantized_logits_stay_close_to_fp32(checkpoint_dirs, tmp_path, name, plan):
     model_dir = checkpoint_dirs(name)
@@ -38,7 +48,13 @@ def test_quantized_logits_stay_close_to_fp32(checkpoint_dirs, tmp_path, name, pl
     exact = teacher_forced_logits(load_model(model_dir, dtype=torch.float32), tokens)
     quant = load_model(model_dir, dtype=torch.bfloat16, quant=QuantPlan.parse(*plan), cache_root=tmp_path)
     kl, top1 = kl_and_top1(exact, teacher_forced_logits(quant, tokens))
-    max_kl, min_top1 = BOUNDS[plan]
+    if name.startswith(("qwen3_next", "qwen3_5")):
+        bf16 = teacher_forced_logits(load_model(model_dir, dtype=torch.bfloat16), tokens)
+        bf16_kl, bf16_top1 = kl_and_top1(exact, bf16)
+        factor, slack, drop = HYBRID_BOUNDS[plan]
+        max_kl, min_top1 = factor * bf16_kl + slack, bf16_top1 - drop
+    else:
+        max_kl, min_top1 = BOUNDS[plan]
     assert kl <= max_kl and top1 >= min_top1, f"{name} {plan}: KL {kl:.4f}, top-1 {top1:.2f}"
 
 

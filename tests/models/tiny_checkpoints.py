@@ -52,7 +52,27 @@ DEEPSEEK_V2 = {
     "deepseek_v2-normtopk": dict(q_lora_rank=None, norm_topk_prob=True, n_shared_experts=1, tie_word_embeddings=True),
 }
 
-VARIANTS = {**QWEN3_MOE, **DEEPSEEK_V2}
+QWEN3_NEXT = {
+    # the published shape: every 4th layer full attention, rotary on a quarter of each head, renormalized top-k
+    "qwen3_next-base": dict(),
+    # explicit layer_types, a dense layer, half rotary, raw top-k, attention biases, tied embeddings, Hv = Hk
+    "qwen3_next-mixed": dict(
+        layer_types=["full_attention", "linear_attention", "linear_attention", "full_attention"],
+        mlp_only_layers=[1], partial_rotary_factor=0.5, norm_topk_prob=False, attention_bias=True,
+        tie_word_embeddings=True, linear_num_value_heads=2, linear_conv_kernel_dim=3,
+    ),
+    # every other layer full attention, key heads wider than value heads, experts stored per expert (as published)
+    "qwen3_next-perexpert": dict(full_attention_interval=2, linear_key_head_dim=16, per_expert=True),
+}
+
+QWEN3_5_MOE = {
+    # the multimodal checkpoint as published: text_config, model.language_model.*, a (tiny) vision tower
+    "qwen3_5_moe-base": dict(),
+    # every other layer full attention, half rotary, three value heads per key head
+    "qwen3_5_moe-interval2": dict(full_attention_interval=2, partial_rotary_factor=0.5, linear_num_value_heads=6),
+}
+
+VARIANTS = {**QWEN3_MOE, **DEEPSEEK_V2, **QWEN3_NEXT, **QWEN3_5_MOE}
 
 
 def _qwen3_moe_config(vocab_size: int, overrides: dict):
@@ -80,6 +100,39 @@ def _deepseek_v2_config(vocab_size: int, overrides: dict):
     return DeepseekV2Config(**{**base, **overrides})
 
 
+HYBRID_TEXT = dict(
+    hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
+    linear_conv_kernel_dim=4, moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts=8,
+    num_experts_per_tok=2, max_position_embeddings=256, rms_norm_eps=1e-6,
+    eos_token_id=None, bos_token_id=None, pad_token_id=None,
+)
+
+
+def _qwen3_next_config(vocab_size: int, overrides: dict):
+    from transformers import Qwen3NextConfig
+
+    return Qwen3NextConfig(**{**HYBRID_TEXT, "vocab_size": vocab_size, **overrides})
+
+
+def _qwen3_5_moe_config(vocab_size: int, overrides: dict):
+    from transformers import Qwen3_5MoeConfig
+
+    text = {**HYBRID_TEXT, "vocab_size": vocab_size, **overrides}
+    del text["intermediate_size"]  # every layer is MoE
+    vision = dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64, patch_size=4,
+                  num_position_embeddings=16)
+    return Qwen3_5MoeConfig(text_config=text, vision_config=vision)
+
+
+CONFIGS = {
+    "qwen3_moe": _qwen3_moe_config,
+    "deepseek_v2": lambda vocab_size, overrides: _deepseek_v2_config(vocab_size, overrides),
+    "qwen3_next": _qwen3_next_config,
+    "qwen3_5_moe": _qwen3_5_moe_config,
+}
+
+
 def _redraw(model, seed: int) -> None:
     """Weights large enough that greedy choices are well separated; norms and biases away from 1 and 0."""
     gen = torch.Generator().manual_seed(seed)
@@ -104,16 +157,44 @@ def build_checkpoint(variant: str, out_dir: Path) -> Path:
     style = "deepseek" if family == "deepseek_v2" else "chatml"
     out_dir.mkdir(parents=True, exist_ok=True)
     vocab_size = write_tokenizer_files(out_dir, style=style)
-    make_config = _deepseek_v2_config if family == "deepseek_v2" else _qwen3_moe_config
-    config = make_config(vocab_size, VARIANTS[variant])
+    overrides = dict(VARIANTS[variant])
+    per_expert = overrides.pop("per_expert", False)
+    config = CONFIGS[family](vocab_size, overrides)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    cls = _model_class(config)
+    model = (cls.from_config if hasattr(cls, "from_config") else cls._from_config)(config, dtype=torch.float32)
     _redraw(model, seed=sum(map(ord, variant)))
     model.save_pretrained(out_dir)
+    if per_expert:
+        _split_experts(out_dir / "model.safetensors")
     eos = json.loads((out_dir / "tokenizer_config.json").read_text()).get("eos_token")
     eos_id = _token_id(out_dir, eos)
     (out_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": eos_id}))
     return out_dir
+
+
+def _model_class(config):
+    """The class that writes (and reads) the checkpoint as published: the multimodal wrapper for Qwen3.5."""
+    from transformers import AutoModelForCausalLM, Qwen3_5MoeForConditionalGeneration
+
+    return Qwen3_5MoeForConditionalGeneration if config.model_type == "qwen3_5_moe" else AutoModelForCausalLM
+
+
+def _split_experts(path: Path) -> None:
+    """Rewrite stacked `experts.gate_up_proj` / `experts.down_proj` as per-expert `experts.N.*_proj.weight`."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = {}
+    for name, tensor in load_file(path).items():
+        prefix, _, last = name.rpartition(".")
+        if prefix.endswith("mlp.experts") and last == "gate_up_proj":
+            for e, (gate, up) in enumerate(t.chunk(2, dim=0) for t in tensor):
+                tensors[f"{prefix}.{e}.gate_proj.weight"], tensors[f"{prefix}.{e}.up_proj.weight"] = gate, up
+        elif prefix.endswith("mlp.experts") and last == "down_proj":
+            tensors.update({f"{prefix}.{e}.down_proj.weight": t for e, t in enumerate(tensor)})
+        else:
+            tensors[name] = tensor
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})
 
 
 def _token_id(model_dir: Path, token) -> int:
@@ -124,7 +205,7 @@ def _token_id(model_dir: Path, token) -> int:
 
 
 def load_reference(model_dir: Path):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    cls = _model_class(type("Config", (), {"model_type": config["model_type"]}))
+    model = cls.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
     return model.eval()

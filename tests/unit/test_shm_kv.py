@@ -87,6 +87,24 @@ def test_kv_cache_on_shared_pool_writes_and_reads_through_page_table(prefix):
     pool.close()
 
 
+def test_state_regions_are_fp32_per_slot_and_shared_with_attached_processes(prefix):
+    # layer 0: attention (KV, no state); layer 1: linear attention (state, no KV)
+    pool = SharedKVPool.create(prefix, [6, 0], 3, PAGE_SIZE, "bfloat16", state_widths=[0, 10], num_state_slots=5)
+    assert [tuple(t.shape) for t in pool.layers] == [(3 * PAGE_SIZE, 6), (3 * PAGE_SIZE, 0)]
+    assert [tuple(t.shape) for t in pool.states] == [(5, 0), (5, 10)]
+    assert pool.states[1].dtype == torch.float32  # recurrent state keeps fp32 whatever the KV dtype
+    attached = SharedKVPool.attach(msgpack.unpackb(msgpack.packb(pool.descriptor.as_dict())))
+    state = torch.randn(10)
+    attached.states[1][3] = state
+    attached.layers[0][:PAGE_SIZE] = 1.0
+    assert torch.equal(pool.states[1][3], state) and not pool.states[1][[0, 1, 2, 4]].any()
+    assert bool((pool.layers[0][:PAGE_SIZE] == 1).all()) and not pool.layers[0][PAGE_SIZE:].any()
+    with pytest.raises(ValueError, match="one state width"):
+        SharedKVPool.attach({**pool.descriptor.as_dict(), "state_widths": [10]})
+    attached.close()
+    pool.close()
+
+
 def test_close_unlinks_owner_segment_but_not_attached_ones(prefix):
     pool = SharedKVPool.create(prefix, [16] * 3, num_pages=2, page_size=PAGE_SIZE, dtype="float32")
     attached = SharedKVPool.attach(pool.descriptor)

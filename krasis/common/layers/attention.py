@@ -2,6 +2,7 @@
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from krasis.common.kv_cache import ForwardBatch, SequenceSlice
 
@@ -19,16 +20,16 @@ def causal_mask(query_len: int, context_len: int, sliding_window: int | None, de
 
 
 def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask
 ) -> torch.Tensor:
     """q: [Tq, Hq, D], k: [L, Hkv, D], v: [L, Hkv, Dv] -> [Tq, Hq, Dv]; GQA by repeating KV heads."""
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale
-    )
-    return out.transpose(0, 1)
+    # 4-d [1, heads, tokens, dim]: SDPA's fused (flash / memory-efficient) kernels take no other shape
+    q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out[0].transpose(0, 1)
 
 
 def per_sequence(batch: ForwardBatch):
@@ -37,5 +38,13 @@ def per_sequence(batch: ForwardBatch):
         yield slice(seq.query_start, seq.query_start + seq.query_len), seq
 
 
-def sequence_mask(seq: SequenceSlice, sliding_window: int | None, device) -> torch.Tensor | None:
+def sequence_mask(seq: SequenceSlice, sliding_window: int | None, device):
+    """The mask `attend` takes for a sequence's queries over its context.
+
+    On CUDA a plain causal mask is torch's lower-right causal bias, never materialized, so SDPA keeps its fused
+    kernels: a prefill chunk of 4K queries over 8K context would otherwise build [heads, 4K, 8K] scores in
+    memory the VRAM plan does not hold. On the CPU the same mask, materialized, keeps the reference's math path.
+    """
+    if torch.device(device).type == "cuda" and seq.query_len > 1 and sliding_window is None:
+        return causal_lower_right(seq.query_len, seq.context_len)
     return causal_mask(seq.query_len, seq.context_len, sliding_window, device)

@@ -1,4 +1,5 @@
-"""Grouped-query attention with optional per-head q/k RMSNorm (Qwen3) over paged KV."""
+"""Grouped-query attention over paged KV, with optional per-head q/k RMSNorm (Qwen3) and a sigmoid output
+gate read from the second half of each query head's projection (Qwen3-Next / Qwen3.5)."""
 
 import torch
 from torch import nn
@@ -10,6 +11,8 @@ from krasis.common.layers.rotary import RotaryEmbedding, apply_rotary_half
 
 
 class GQAttention(nn.Module):
+    """Keys and values of `num_kv_heads` heads shared by `num_heads` query heads; KV width 2 * kv heads * head_dim."""
+
     def __init__(
         self,
         layer_idx: int,
@@ -21,17 +24,21 @@ class GQAttention(nn.Module):
         bias: bool = False,
         qk_norm_eps: float | None = None,
         sliding_window: int | None = None,
+        output_gate: bool = False,
+        norm_class: type[nn.Module] = RMSNorm,
     ):
         super().__init__()
         self.layer_idx, self.rotary, self.sliding_window = layer_idx, rotary, sliding_window
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias)
+        self.output_gate = output_gate
+        q_width = num_heads * head_dim * (2 if output_gate else 1)
+        self.q_proj = nn.Linear(hidden_size, q_width, bias=bias)
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=bias)
         if qk_norm_eps is not None:
-            self.q_norm = RMSNorm(head_dim, qk_norm_eps)
-            self.k_norm = RMSNorm(head_dim, qk_norm_eps)
+            self.q_norm = norm_class(head_dim, qk_norm_eps)
+            self.k_norm = norm_class(head_dim, qk_norm_eps)
         else:
             self.q_norm = self.k_norm = None
 
@@ -42,7 +49,7 @@ class GQAttention(nn.Module):
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         # x: [T, H]
         tokens = x.shape[0]
-        q = self.q_proj(x).view(tokens, self.num_heads, self.head_dim)
+        q, gate = self._queries(x)
         k = self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
@@ -58,4 +65,14 @@ class GQAttention(nn.Module):
             ctx_k, ctx_v = kv[..., : self.head_dim], kv[..., self.head_dim :]
             mask = sequence_mask(seq, self.sliding_window, x.device)
             out[rows] = attend(q[rows], ctx_k, ctx_v, self.head_dim**-0.5, mask)
-        return self.o_proj(out.view(tokens, -1))
+        out = out.view(tokens, -1)
+        if gate is not None:
+            out = out * torch.sigmoid(gate)
+        return self.o_proj(out)
+
+    def _queries(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> queries [T, heads, head_dim], output gate [T, heads * head_dim] or None."""
+        if not self.output_gate:
+            return self.q_proj(x).view(x.shape[0], self.num_heads, self.head_dim), None
+        q, gate = self.q_proj(x).view(x.shape[0], self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
+        return q, gate.reshape(x.shape[0], -1)

@@ -64,7 +64,11 @@ class RotaryEmbedding:
 
 
 def apply_rotary_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (i, i + d/2) (Llama/Qwen convention). x: [T, heads, d]; cos, sin: [T, d/2]."""
+    """Rotate pairs (i, i + r/2) (Llama/Qwen convention) of the first r = 2 * cos.shape[-1] dims; the rest
+    (partial rotary) pass through. x: [T, heads, d]; cos, sin: [T, r/2]."""
+    rotary_dim = 2 * cos.shape[-1]
+    if rotary_dim < x.shape[-1]:
+        return torch.cat((apply_rotary_half(x[..., :rotary_dim], cos, sin), x[..., rotary_dim:]), dim=-1)
     cos = torch.cat((cos, cos), dim=-1)[:, None, :].to(x.dtype)
     sin = torch.cat((sin, sin), dim=-1)[:, None, :].to(x.dtype)
     half = x.shape[-1] // 2

@@ -7,6 +7,8 @@ from krasis.common.model_config import ConfigError
 _REGISTRY = {
     "qwen3_moe": ("krasis.common.models.qwen3_moe", "Qwen3MoeForCausalLM"),
     "deepseek_v2": ("krasis.common.models.deepseek_v2", "DeepseekV2ForCausalLM"),
+    "qwen3_next": ("krasis.common.models.qwen3_next", "Qwen3NextForCausalLM"),
+    "qwen3_5_moe": ("krasis.common.models.qwen3_5_moe", "Qwen3_5MoeForCausalLM"),
 }
 
 SUPPORTED_MODEL_TYPES = tuple(sorted(_REGISTRY))

@@ -8,38 +8,51 @@ from krasis.common.layers.norm import RMSNorm
 
 
 class PreNormDecoderLayer(nn.Module):
-    """x + attn(norm(x)), then x + mlp(norm(x)); subclasses build the four modules with HF names."""
+    """x + mixer(norm(x)), then x + mlp(norm(x)), with HF names: the token mixer is `self_attn` unless
+    `mixer_name` says otherwise (`linear_attn` for linear-attention layers)."""
 
-    def __init__(self, self_attn: nn.Module, mlp: nn.Module, hidden_size: int, eps: float):
+    def __init__(
+        self, mixer: nn.Module, mlp: nn.Module, hidden_size: int, eps: float,
+        norm_class: type[nn.Module] = RMSNorm, mixer_name: str = "self_attn",
+    ):  # fmt: skip
         super().__init__()
-        self.self_attn, self.mlp = self_attn, mlp
-        self.input_layernorm = RMSNorm(hidden_size, eps)
-        self.post_attention_layernorm = RMSNorm(hidden_size, eps)
+        self.mixer_name = mixer_name
+        setattr(self, mixer_name, mixer)
+        self.mlp = mlp
+        self.input_layernorm = norm_class(hidden_size, eps)
+        self.post_attention_layernorm = norm_class(hidden_size, eps)
+
+    @property
+    def token_mixer(self) -> nn.Module:
+        return getattr(self, self.mixer_name)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), batch)
+        x = x + self.token_mixer(self.input_layernorm(x), batch)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class DecoderModel(nn.Module):
     """Holds the `model.` part of the checkpoint: embed_tokens, layers, norm."""
 
-    def __init__(self, cfg, layers: nn.ModuleList):
+    def __init__(self, cfg, layers: nn.ModuleList, norm_class: type[nn.Module] = RMSNorm):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = layers
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = norm_class(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class CausalLM(nn.Module):
     """An architecture subclasses this, sets `config_class` and builds its decoder layers."""
 
     config_class: type
+    norm_class: type[nn.Module] = RMSNorm  # of the final norm
+    # checkpoint name prefix -> the model's (None: tensors the text model does not use, e.g. a vision tower)
+    checkpoint_prefixes: dict[str, str | None] = {}
 
     def __init__(self, cfg):
         super().__init__()
         self.config = cfg
-        self.model = DecoderModel(cfg, self.build_layers(cfg))
+        self.model = DecoderModel(cfg, self.build_layers(cfg), self.norm_class)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
 
@@ -52,8 +65,21 @@ class CausalLM(nn.Module):
 
     @property
     def kv_widths(self) -> list[int]:
-        """Per layer, how many values one token stores in the KV cache."""
-        return [layer.self_attn.kv_width for layer in self.model.layers]
+        """Per layer, how many values one token stores in the KV cache (0: none, e.g. linear attention)."""
+        return [layer.token_mixer.kv_width for layer in self.model.layers]
+
+    @property
+    def state_widths(self) -> list[int]:
+        """Per layer, how many fp32 values one sequence keeps as state (0: none, e.g. full attention)."""
+        return [getattr(layer.token_mixer, "state_width", 0) for layer in self.model.layers]
+
+    @classmethod
+    def checkpoint_name(cls, name: str) -> str | None:
+        """The model's name for a checkpoint tensor, or None for one to skip."""
+        for prefix, ours in cls.checkpoint_prefixes.items():
+            if name.startswith(prefix):
+                return None if ours is None else ours + name[len(prefix) :]
+        return name
 
     def forward(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         # input_ids: [T] (all sequences' new tokens, flat) -> final hidden states [T, H]

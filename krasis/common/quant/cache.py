@@ -50,9 +50,12 @@ class CacheError(ValueError):
     """A cache that must not be used (missing, stale, truncated, corrupt); one line naming it."""
 
 
-def ensure_cache(model_dir: str | Path, plan: QuantPlan, cache_root: str | Path | None = None, progress: bool = True) -> Path:
+def ensure_cache(
+    model_dir: str | Path, plan: QuantPlan, cache_root: str | Path | None = None, progress: bool = True, checkpoint=None
+) -> Path:
     """The cache directory of `model_dir` under `plan`, built first if it is missing or invalid.
-    Concurrent callers (any process) build it once: the others wait for the build, then reuse it."""
+    Concurrent callers (any process) build it once: the others wait for the build, then reuse it.
+    `checkpoint`: a reader to build from instead of the directory's safetensors (see build_cache)."""
     model_dir = Path(model_dir).resolve()
     read_hf_config(model_dir)  # a clear error for a directory that is no model
     source = source_fingerprint(model_dir)
@@ -66,7 +69,7 @@ def ensure_cache(model_dir: str | Path, plan: QuantPlan, cache_root: str | Path 
             return path
         from krasis.common.quant.cache_build import build_cache  # only a building process needs it
 
-        build_cache(model_dir, plan, path, source, progress)
+        build_cache(model_dir, plan, path, source, progress, checkpoint)
         validate_cache(path, model_dir, verify=True)
         _remove_stale(root, path, model_dir, plan)
     return path

@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from krasis.common.model_config import read_hf_config
+from krasis.common.models import model_class
 from krasis.common.quant.cache import (
     CACHE_FORMAT_VERSION,
     CHUNK_BYTES,
@@ -34,11 +35,17 @@ from krasis.common.quant.plan import CacheItem, QuantPlan, group_of, plan_items,
 from krasis.common.weights.checkpoint import CheckpointReader
 
 
-def build_cache(model_dir: Path, plan: QuantPlan, path: Path, source: dict, progress: bool) -> dict:
+def build_cache(model_dir: Path, plan: QuantPlan, path: Path, source: dict, progress: bool, checkpoint=None) -> dict:
     """Transcode the checkpoint into `path` layer group by layer group, header last. -> header
-    Peak RAM: the output of WRITES_IN_FLIGHT + 1 groups plus one CHUNK_BYTES job per core."""
+    Peak RAM: the output of WRITES_IN_FLIGHT + 1 groups plus one CHUNK_BYTES job per core.
+    `checkpoint`: the tensors, if not the directory's safetensors: any reader with DequantizingReader's
+    model_dir, names, shape, source_nbytes and fetch (the benchmark's random weights)."""
     started = time.perf_counter()
-    checkpoint = DequantizingReader(CheckpointReader(model_dir), read_hf_config(model_dir))
+    if checkpoint is None:
+        config = read_hf_config(model_dir)
+        # tensors under the model's names, those it does not use (a vision tower) left out
+        rename = model_class(config["model_type"]).checkpoint_name
+        checkpoint = DequantizingReader(CheckpointReader(model_dir), config, rename)
     groups = _plan_groups(checkpoint, plan)  # every shape checked against its format before any work
     shutil.rmtree(path, ignore_errors=True)  # only ever an invalid cache or a partial build
     path.mkdir(parents=True)
@@ -81,7 +88,7 @@ def _transcode(checkpoint: DequantizingReader, plan: QuantPlan, groups: dict, pa
     """Write one safetensors file per group; fills the header's files, tensors and quantized maps."""
     header["files"], header["tensors"], header["quantized"] = [], {}, {}
     total = sum(checkpoint.source_nbytes(n) for n in checkpoint.names)
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"quantizing {checkpoint.reader.model_dir.name}",
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"quantizing {checkpoint.model_dir.name}",
                disable=not progress, file=sys.stderr)
     writers = ThreadPoolExecutor(WRITES_IN_FLIGHT)
     with bar, _single_threaded_ops(), ThreadPoolExecutor(_workers()) as pool, writers:

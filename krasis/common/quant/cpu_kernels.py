@@ -1,6 +1,8 @@
 """CPU decode kernels over q8/q4 weights: one linear, and a layer's whole routed-expert MoE in one call.
 
-The C++ extension (csrc/quant_kernels.cpp) is built on first use with -march=native into torch's
+q8 weights multiply the activations as they are (fp32); q4 weights multiply activations quantized to
+int8 per 32 values (`int8_activations`), in integer dot products: int4 unpacked to fp32 made q4 decode
+compute-bound. The C++ extension (csrc/) is built on first use with -march=native into torch's
 extensions cache (torch's build lock keeps concurrent first uses to one build); if it cannot build,
 the same functions run as dequantize-then-matmul in torch, after a one-line warning.
 """
@@ -19,6 +21,7 @@ from krasis.common.quant.formats import QuantizedWeight, dequantize
 
 FORMAT_CODES = {"q8": 0, "q4": 1}  # as Q8 / Q4 in the C++ source
 _SOURCE = Path(__file__).parent / "csrc" / "quant_kernels.cpp"
+_HEADERS = (Path(__file__).parent / "csrc" / "q4_int8.h",)
 _CPP_ACTIVATIONS = ("silu", "swish")
 
 
@@ -39,7 +42,9 @@ def build_extension(march: str = "native", defines: tuple[str, ...] = ()):
     from torch.utils import cpp_extension
 
     variant = hashlib.sha1(" ".join(defines).encode()).hexdigest()[:6] if defines else "default"
-    name = f"krasis_quant_{march.replace('-', '_')}_{_cpu_tag()}_{variant}"
+    # torch rebuilds when the .cpp changes, not a header it includes: the headers name the build.
+    headers = hashlib.sha1(b"".join(h.read_bytes() for h in _HEADERS)).hexdigest()[:6]
+    name = f"krasis_quant_{march.replace('-', '_')}_{_cpu_tag()}_{variant}_{headers}"
     flags = ["-O3", f"-march={march}", "-fopenmp", f"-DKRASIS_OPS_NS={name}", *(f"-D{d}" for d in defines)]
     cpp_extension.load(
         name=name, sources=[str(_SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
@@ -115,9 +120,21 @@ def quant_experts(
     return out
 
 
+def int8_activations(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] as the q4 kernels see it: fp32, each 32 values rounded to d * int8 with d = max|x| / 127."""
+    chunks = x.float().reshape(*x.shape[:-1], -1, 32)
+    d = chunks.abs().amax(-1, keepdim=True) / 127
+    return torch.where(d > 0, torch.round(chunks / d), 0.0).mul(d).reshape(x.shape)
+
+
+def kernel_input(x: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
+    """The fp32 activations the kernels multiply by `qw`: int8-rounded for q4, exact for q8."""
+    return int8_activations(x) if qw.spec.format == "q4" else x.float()
+
+
 def torch_quant_linear(x: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
     """The fallback: dequantize to fp32, then one fp32 matmul."""
-    return F.linear(x.float(), dequantize(qw)).to(x.dtype)
+    return F.linear(kernel_input(x, qw), dequantize(qw)).to(x.dtype)
 
 
 def torch_quant_experts(x, gate_up, down, topk_ids, topk_weights, act: str = "silu") -> torch.Tensor:
@@ -129,8 +146,8 @@ def torch_quant_experts(x, gate_up, down, topk_ids, topk_weights, act: str = "si
         _raise_unknown_expert(hit[0] if hit[0] < 0 else hit[-1], num_experts)
     for expert in hit:
         token_idx, slot = torch.where(topk_ids == expert)
-        h = F.linear(x[token_idx].float(), dequantize(gate_up[expert]))
-        y = F.linear(act_fn(h[:, :inter]) * h[:, inter:], dequantize(down[expert]))
+        h = F.linear(kernel_input(x[token_idx], gate_up), dequantize(gate_up[expert]))
+        y = F.linear(kernel_input(act_fn(h[:, :inter]) * h[:, inter:], down), dequantize(down[expert]))
         out.index_add_(0, token_idx, y * topk_weights[token_idx, slot, None].float())
     return out.to(x.dtype)
 

@@ -1,7 +1,7 @@
 """FP8 e4m3 block-scaled checkpoints (the official Qwen3-Next and DeepSeek FP8 releases):
 `X.weight` float8_e4m3fn [N, K] times `X.weight_scale_inv` fp32 [ceil(N/bn), ceil(K/bk)]."""
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -60,25 +60,33 @@ class DequantizingReader:
     """A checkpoint's tensors as the model sees them: FP8 weights dequantized, their scales consumed.
     Iterates like CheckpointReader, so `load_weights` takes it as it is."""
 
-    def __init__(self, reader: CheckpointReader, config: dict):
+    def __init__(self, reader: CheckpointReader, config: dict, rename: Callable[[str], str | None] | None = None):
+        """`rename`: the model's name for a checkpoint tensor, None to leave it out (models.base.CausalLM)."""
         self.reader = reader
         self.block = block_size(config)
         self._scales = _pair_scales(reader, self.block)
-        self.names = [n for n in reader.names if n not in self._scales.values()]
+        self._source: dict[str, str] = {}  # our name -> checkpoint name
+        for name in (n for n in reader.names if n not in self._scales.values()):
+            ours = rename(name) if rename is not None else name
+            if ours is not None:
+                self._source[ours] = name
+        self.names = list(self._source)
 
     @property
     def model_dir(self):
         return self.reader.model_dir
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self.reader.shape(name)
+        return self.reader.shape(self._source[name])
 
     def source_nbytes(self, name: str) -> int:
         """Bytes read from the checkpoint for this tensor, its scale included."""
+        name = self._source[name]
         names = (name, self._scales[name]) if name in self._scales else (name,)
         return sum(torch.Size(self.reader.shape(n)).numel() * self.reader.dtype(n).itemsize for n in names)
 
     def fetch(self, name: str) -> SourceTensor:
+        name = self._source[name]
         scale = self._scales.get(name)
         if scale is None:
             return SourceTensor(self.reader.get(name))

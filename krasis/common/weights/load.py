@@ -32,8 +32,12 @@ def load_weights(model: nn.Module, reader: CheckpointReader, optional: tuple[str
     """
     params = dict(model.named_parameters())
     custom = _custom_loaders(model)
+    rename = getattr(model, "checkpoint_name", lambda name: name)  # e.g. a multimodal checkpoint's text model
     loaded, unexpected = set(), []
-    for name, tensor in reader:
+    for checkpoint_name, tensor in reader:
+        name = rename(checkpoint_name)
+        if name is None:
+            continue
         if _load_custom(custom, name, tensor):
             continue
         if name in params:

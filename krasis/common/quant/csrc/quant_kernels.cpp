@@ -1,9 +1,8 @@
 // CPU decode kernels over q8/q4 weights (layout: formats.py). Every row of x is multiplied against
 // each weight tile while it is in cache, so the weight is read from memory once per call, whatever
-// M is. Weights are unpacked a 32-element chunk at a time into fp32 registers and multiplied with
-// fp32 FMAs (the scale applied per weight, q * scale exact, or per group for a single row). x is
-// first rewritten into "kernel order": for q4, each 32-element chunk becomes [16 even elements,
-// 16 odd elements], the order the low/high nibbles unpack in.
+// M is. q8 weights are unpacked a 32-element chunk at a time into fp32 registers and multiplied
+// with fp32 FMAs (the scale applied per weight, q * scale exact, or per group for a single row);
+// q4 weights meet int8-quantized activations in integer dot products (q4_int8.h).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -15,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -29,8 +29,8 @@ constexpr int64_t CHUNK = 32;  // elements unpacked at once; group sizes and K a
 constexpr int Q8 = 0, Q4 = 1;  // format codes, as cpu_kernels.FORMAT_CODES
 
 // ---- one SIMD vector of W floats, per ISA ------------------------------------------------------
-// values_q8/values_q4 return vector v of the 32-element chunk at p as floats q (q4: u - 8), unscaled.
-#if defined(__AVX512F__)
+// values_q8 returns vector v of the 32-element chunk at p as floats, unscaled.
+#if defined(__AVX512F__) && defined(__AVX512BW__)
 constexpr const char* ISA = "avx512";
 constexpr int W = 16, NR_DEFAULT = 4, PREFETCH_DEFAULT = -1;
 using vf = __m512;
@@ -42,13 +42,6 @@ inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 inline float vsum(vf a) { return _mm512_reduce_add_ps(a); }
 inline vf values_q8(const uint8_t* p, int v) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * v))));
-}
-// v 0 = low nibbles of the chunk's 16 bytes, v 1 = high nibbles. The permute reads only an index's
-// low 4 bits, so it masks, converts and subtracts 8 in one instruction.
-inline vf values_q4(const uint8_t* p, int v) {
-  const __m512 table = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
-  __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm512_permutexvar_ps(v == 0 ? b : _mm512_srli_epi32(b, 4), table);
 }
 #elif defined(__AVX2__) && defined(__FMA__)
 constexpr const char* ISA = "avx2";
@@ -68,12 +61,6 @@ inline float vsum(vf a) {
 inline vf values_q8(const uint8_t* p, int v) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * v))));
 }
-// v 0, 1 = low nibbles of bytes 0-7, 8-15; v 2, 3 = their high nibbles.
-inline vf values_q4(const uint8_t* p, int v) {
-  __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * (v % 2))));
-  b = v < 2 ? _mm256_and_si256(b, _mm256_set1_epi32(15)) : _mm256_srli_epi32(b, 4);
-  return _mm256_cvtepi32_ps(_mm256_sub_epi32(b, _mm256_set1_epi32(8)));
-}
 #else
 constexpr const char* ISA = "scalar";
 constexpr int W = 1, NR_DEFAULT = 2, PREFETCH_DEFAULT = 0;
@@ -85,7 +72,6 @@ inline vf vmul(vf a, vf b) { return a * b; }
 inline vf vfma(vf a, vf b, vf c) { return std::fma(a, b, c); }
 inline float vsum(vf a) { return a; }
 inline vf values_q8(const uint8_t* p, int v) { return static_cast<float>(static_cast<int8_t>(p[v])); }
-inline vf values_q4(const uint8_t* p, int v) { return static_cast<float>((v < 16 ? p[v] & 15 : p[v - 16] >> 4) - 8); }
 #endif
 
 #ifdef KRASIS_NR
@@ -100,7 +86,7 @@ constexpr int PREFETCH = PREFETCH_DEFAULT;
 #endif
 constexpr int VPC = CHUNK / W;      // vectors per chunk
 constexpr int MR = 4;               // rows of x per tile; more rows re-run the tile from cache
-constexpr int64_t SCALE_BLOCK = 64;  // groups whose scales are widened to fp32 at once
+constexpr int64_t SCALE_BLOCK = 64;  // groups (q4: chunks) whose scales are widened to fp32 at once
 
 inline float bf16_to_float(uint16_t h) {
   uint32_t bits = static_cast<uint32_t>(h) << 16;
@@ -116,17 +102,13 @@ struct QMatrix {
   int64_t n, k, group, q_row, s_row;  // rows, K, group size, bytes per q row, scales per row
 };
 
-template <int FMT>
-constexpr int64_t chunk_bytes() { return FMT == Q8 ? CHUNK : CHUNK / 2; }
-
-template <int FMT>
-inline vf values(const uint8_t* p, int v) { return FMT == Q8 ? values_q8(p, v) : values_q4(p, v); }
+#include "q4_int8.h"
 
 // One group of R weight rows against M rows of x, from column k0, into acc[R][M].
 // One row of x: sum q * x over the group, then one FMA with the scale (fewer ops per weight), in
 // A partial sums per row so that few rows still keep enough FMAs in flight.
 // Several: scale each weight vector once, then FMA it into every row (the multiply is shared).
-template <int FMT, int R, int M>
+template <int R, int M>
 inline void group_tile(const uint8_t* const* q, const float (&scales)[R][SCALE_BLOCK], int64_t g, int64_t k0,
                        int64_t group, int64_t tile_bytes, const float* const* x, vf (&acc)[R][M]) {
   constexpr int A = R >= 4 || VPC < 2 ? 1 : 2;
@@ -135,18 +117,18 @@ inline void group_tile(const uint8_t* const* q, const float (&scales)[R][SCALE_B
     for (int a = 0; a < A; ++a) part[r][a] = vzero();
   for (int64_t k = k0; k < k0 + group; k += CHUNK) {
     const uint8_t* p[R];
-    for (int r = 0; r < R; ++r) p[r] = q[r] + k / CHUNK * chunk_bytes<FMT>();
+    for (int r = 0; r < R; ++r) p[r] = q[r] + k;
     // The same bytes of the next tile (R rows on): the hardware prefetchers stop at 4 KB pages.
-    if (PREFETCH != 0 && k / CHUNK * chunk_bytes<FMT>() % 64 == 0)
+    if (PREFETCH != 0 && k % 64 == 0)
       for (int r = 0; r < R; ++r) __builtin_prefetch(p[r] + (PREFETCH > 0 ? PREFETCH : tile_bytes));
     for (int v = 0; v < VPC; ++v) {
       if (M == 1) {
         const vf xv = vload(x[0] + k + v * W);
-        for (int r = 0; r < R; ++r) part[r][v % A] = vfma(values<FMT>(p[r], v), xv, part[r][v % A]);
+        for (int r = 0; r < R; ++r) part[r][v % A] = vfma(values_q8(p[r], v), xv, part[r][v % A]);
         continue;
       }
       vf wv[R];
-      for (int r = 0; r < R; ++r) wv[r] = vmul(values<FMT>(p[r], v), vset1(scales[r][g]));
+      for (int r = 0; r < R; ++r) wv[r] = vmul(values_q8(p[r], v), vset1(scales[r][g]));
       for (int m = 0; m < M; ++m) {
         const vf xv = vload(x[m] + k + v * W);
         for (int r = 0; r < R; ++r) acc[r][m] = vfma(wv[r], xv, acc[r][m]);
@@ -161,9 +143,9 @@ inline void group_tile(const uint8_t* const* q, const float (&scales)[R][SCALE_B
     }
 }
 
-// y[m][r] = sum_k x[m][k] * w[n0 + r][k] for r < R, m < M.
-template <int FMT, int R, int M>
-void tile(const QMatrix& w, int64_t n0, const float* const* x, float* const* y) {
+// y[m][r] = sum_k x[m][k] * w[n0 + r][k] for r < R, m < M: q8 weights, fp32 x.
+template <int R, int M>
+void tile_q8(const QMatrix& w, int64_t n0, const float* const* x, float* const* y) {
   vf acc[R][M];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) acc[r][m] = vzero();
@@ -179,43 +161,48 @@ void tile(const QMatrix& w, int64_t n0, const float* const* x, float* const* y) 
     for (int r = 0; r < R; ++r)
       for (int64_t g = 0; g < groups; ++g) scales[r][g] = bf16_to_float(s[r][g0 + g]);
     for (int64_t g = 0; g < groups; ++g)
-      group_tile<FMT, R, M>(q, scales, g, (g0 + g) * w.group, w.group, R * w.q_row, x, acc);
+      group_tile<R, M>(q, scales, g, (g0 + g) * w.group, w.group, R * w.q_row, x, acc);
   }
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) y[m][r] = vsum(acc[r][m]);
 }
 
-template <int FMT, int R>
-void tile_rows(const QMatrix& w, int64_t n0, const float* const* x, float* const* y, int64_t m) {
-  switch (m) {
-    case 1: return tile<FMT, R, 1>(w, n0, x, y);
-    case 2: return tile<FMT, R, 2>(w, n0, x, y);
-    case 3: return tile<FMT, R, 3>(w, n0, x, y);
-    default: return tile<FMT, R, MR>(w, n0, x, y);
+// The rows of x as a weight format takes them: fp32 for q8, int8-quantized for q4.
+struct XRows {
+  const float* const* f;
+  const QRow* q;
+  XRows from(int64_t j) const { return {f ? f + j : nullptr, q ? q + j : nullptr}; }
+};
+
+template <int R>
+void tile_rows(int fmt, const QMatrix& w, int64_t n0, const XRows& x, float* const* y, int64_t m) {
+  switch (fmt * 4 + static_cast<int>(std::min<int64_t>(m, MR))) {
+    case Q8 * 4 + 1: return tile_q8<R, 1>(w, n0, x.f, y);
+    case Q8 * 4 + 2: return tile_q8<R, 2>(w, n0, x.f, y);
+    case Q8 * 4 + 3: return tile_q8<R, 3>(w, n0, x.f, y);
+    case Q8 * 4 + 4: return tile_q8<R, MR>(w, n0, x.f, y);
+    case Q4 * 4 + 1: return tile_q4<R, 1>(w, n0, x.q, y);
+    case Q4 * 4 + 2: return tile_q4<R, 2>(w, n0, x.q, y);
+    case Q4 * 4 + 3: return tile_q4<R, 3>(w, n0, x.q, y);
+    default: return tile_q4<R, MR>(w, n0, x.q, y);
   }
 }
 
 // ys[j][r] (r < rows) = w[n0 + r] . xs[j] for all j < m: the weight rows are read once, then hit in cache.
-template <int FMT>
-void gemv_tile(const QMatrix& w, int64_t n0, int64_t rows, const float* const* xs, float* const* ys, int64_t m) {
+void gemv_tile_fmt(int fmt, const QMatrix& w, int64_t n0, int64_t rows, const XRows& xs, float* const* ys,
+                   int64_t m) {
   for (int64_t j = 0; j < m; j += MR) {
     int64_t mr = std::min<int64_t>(MR, m - j);
     if (rows == NR) {
-      tile_rows<FMT, NR>(w, n0, xs + j, ys + j, mr);
+      tile_rows<NR>(fmt, w, n0, xs.from(j), ys + j, mr);
       continue;
     }
     for (int64_t r = 0; r < rows; ++r) {  // the ragged last tile, one row at a time
       float* yr[MR];
       for (int64_t i = 0; i < mr; ++i) yr[i] = ys[j + i] + r;
-      tile_rows<FMT, 1>(w, n0 + r, xs + j, yr, mr);
+      tile_rows<1>(fmt, w, n0 + r, xs.from(j), yr, mr);
     }
   }
-}
-
-void gemv_tile_fmt(int fmt, const QMatrix& w, int64_t n0, int64_t rows, const float* const* xs, float* const* ys,
-                   int64_t m) {
-  if (fmt == Q8) gemv_tile<Q8>(w, n0, rows, xs, ys, m);
-  else gemv_tile<Q4>(w, n0, rows, xs, ys, m);
 }
 
 #ifndef KRASIS_DYNAMIC
@@ -239,27 +226,28 @@ void parallel_chunks(int64_t total, const F& fn) {
   });
 }
 
-// Index of element i of a row in kernel order.
-inline int64_t kernel_index(int fmt, int64_t i) {
-  if (fmt == Q8) return i;
-  int64_t w = i % CHUNK;
-  return i - w + (w % 2 == 0 ? w / 2 : CHUNK / 2 + w / 2);
+// x [M, K] (fp32 or bf16) -> contiguous fp32.
+at::Tensor as_fp32(const at::Tensor& x) {
+  return x.scalar_type() == at::kFloat ? x.contiguous() : x.to(at::kFloat).contiguous();
 }
 
-// x [M, K] (fp32 or bf16) -> fp32 [M, K] in kernel order.
-at::Tensor kernel_order(const at::Tensor& x, int fmt) {
-  at::Tensor xf = x.scalar_type() == at::kFloat ? x.contiguous() : x.to(at::kFloat).contiguous();
-  if (fmt == Q8) return xf;
-  at::Tensor out = at::empty(xf.sizes(), xf.options());
-  const float* src = xf.data_ptr<float>();
-  float* dst = out.data_ptr<float>();
-  for (int64_t c = 0; c < xf.numel(); c += CHUNK)
-    for (int64_t j = 0; j < CHUNK / 2; ++j) {
-      dst[c + j] = src[c + 2 * j];
-      dst[c + CHUNK / 2 + j] = src[c + 2 * j + 1];
+// M rows of x for a weight format: row pointers (q8), or the int8 rows those pointers quantize to (q4).
+struct Activations {
+  std::vector<const float*> f;
+  std::unique_ptr<Int8Rows> int8;
+  std::vector<QRow> q;
+
+  // Row j is x + index[j] * k (index empty: row j is x + j * k), for `rows` rows.
+  Activations(int fmt, const float* x, int64_t n_x, int64_t k, const std::vector<int64_t>& index, int64_t rows) {
+    if (fmt == Q4) int8 = std::make_unique<Int8Rows>(x, n_x, k);
+    for (int64_t j = 0; j < rows; ++j) {
+      const int64_t i = index.empty() ? j : index[j];
+      if (fmt == Q4) q.push_back(int8->row(i));
+      else f.push_back(x + i * k);
     }
-  return out;
-}
+  }
+  XRows rows() const { return {f.empty() ? nullptr : f.data(), q.empty() ? nullptr : q.data()}; }
+};
 
 QMatrix matrix_view(const at::Tensor& q, const at::Tensor& s, int64_t group, int64_t k, int64_t index) {
   int64_t n = q.size(-2), q_row = q.size(-1), s_row = s.size(-1);
@@ -289,17 +277,16 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tens
   const int64_t m = x.size(0), k = x.size(1);
   check_weight(qweight, scales, fmt, group, k, 2, "linear");
   const int64_t n = qweight.size(0);
-  at::Tensor xk = kernel_order(x, static_cast<int>(fmt));
+  at::Tensor xf = as_fp32(x);
   at::Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat));
-  std::vector<const float*> xs(m);
-  for (int64_t j = 0; j < m; ++j) xs[j] = xk.data_ptr<float>() + j * k;
+  const Activations xs(static_cast<int>(fmt), xf.data_ptr<float>(), m, k, {}, m);
   const QMatrix w = matrix_view(qweight, scales, group, k, 0);
   parallel_chunks((n + NR - 1) / NR, [&](int64_t begin, int64_t end) {
     std::vector<float*> ys(m);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n0 = t * NR;
       for (int64_t j = 0; j < m; ++j) ys[j] = y.data_ptr<float>() + j * n + n0;
-      gemv_tile_fmt(static_cast<int>(fmt), w, n0, std::min<int64_t>(NR, n - n0), xs.data(), ys.data(), m);
+      gemv_tile_fmt(static_cast<int>(fmt), w, n0, std::min<int64_t>(NR, n - n0), xs.rows(), ys.data(), m);
     }
   });
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
@@ -349,9 +336,9 @@ Routing group_by_expert(const at::Tensor& topk_ids, const at::Tensor& topk_weigh
 
 inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
 
-// act[pair][i] (kernel order of the down format) = silu(gate) * up, for rows [n0, n0 + rows) of I.
-void gate_up_tile(int gu_fmt, int dn_fmt, const QMatrix& gu, int64_t inter, int64_t n0, int64_t rows,
-                  const float* const* xs, int64_t m, float* act, int64_t pair0) {
+// act[pair][i] = silu(gate) * up, for rows [n0, n0 + rows) of I.
+void gate_up_tile(int gu_fmt, const QMatrix& gu, int64_t inter, int64_t n0, int64_t rows, const XRows& xs,
+                  int64_t m, float* act, int64_t pair0) {
   float gate[MR][NR], up[MR][NR];
   float* gs[MR];
   float* us[MR];
@@ -361,11 +348,10 @@ void gate_up_tile(int gu_fmt, int dn_fmt, const QMatrix& gu, int64_t inter, int6
       gs[i] = gate[i];
       us[i] = up[i];
     }
-    gemv_tile_fmt(gu_fmt, gu, n0, rows, xs + j, gs, mr);
-    gemv_tile_fmt(gu_fmt, gu, inter + n0, rows, xs + j, us, mr);
+    gemv_tile_fmt(gu_fmt, gu, n0, rows, xs.from(j), gs, mr);
+    gemv_tile_fmt(gu_fmt, gu, inter + n0, rows, xs.from(j), us, mr);
     for (int64_t i = 0; i < mr; ++i)
-      for (int64_t r = 0; r < rows; ++r)
-        act[(pair0 + j + i) * inter + kernel_index(dn_fmt, n0 + r)] = silu(gate[i][r]) * up[i][r];
+      for (int64_t r = 0; r < rows; ++r) act[(pair0 + j + i) * inter + n0 + r] = silu(gate[i][r]) * up[i][r];
   }
 }
 
@@ -390,24 +376,22 @@ std::tuple<at::Tensor, int64_t> experts(const at::Tensor& x, const at::Tensor& g
   if (routing.unknown >= 0) return {at::empty({0}, x.options()), routing.unknown};
   const int64_t hit = static_cast<int64_t>(routing.experts.size()), pairs = routing.start.back();
 
-  at::Tensor xk = kernel_order(x, static_cast<int>(gu_fmt));
-  std::vector<const float*> xs(pairs);
-  for (int64_t p = 0; p < pairs; ++p) xs[p] = xk.data_ptr<float>() + routing.token[p] * hidden_in;
+  at::Tensor xf = as_fp32(x);
+  const Activations xs(static_cast<int>(gu_fmt), xf.data_ptr<float>(), tokens, hidden_in, routing.token, pairs);
   std::vector<float> act(pairs * inter);
   const int64_t tiles = (inter + NR - 1) / NR;
   parallel_chunks(hit * tiles, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t h = item / tiles, n0 = item % tiles * NR, p0 = routing.start[h];
       const QMatrix gu = matrix_view(gu_q, gu_s, gu_group, hidden_in, routing.experts[h]);
-      gate_up_tile(gu_fmt, dn_fmt, gu, inter, n0, std::min<int64_t>(NR, inter - n0), xs.data() + p0,
+      gate_up_tile(static_cast<int>(gu_fmt), gu, inter, n0, std::min<int64_t>(NR, inter - n0), xs.rows().from(p0),
                    routing.start[h + 1] - p0, act.data(), p0);
     }
   });
 
   at::Tensor out = at::zeros({tokens, hidden_out}, x.options().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
-  std::vector<const float*> as(pairs);
-  for (int64_t p = 0; p < pairs; ++p) as[p] = act.data() + p * inter;
+  const Activations as(static_cast<int>(dn_fmt), act.data(), pairs, inter, {}, pairs);
   // Each chunk is a range of output columns, walked through every hit expert's rows for it:
   // contiguous streams per expert, and no two threads add into the same element.
   parallel_chunks((hidden_out + NR - 1) / NR, [&](int64_t begin, int64_t end) {
@@ -420,7 +404,7 @@ std::tuple<at::Tensor, int64_t> experts(const at::Tensor& x, const at::Tensor& g
         const int64_t rows = std::min<int64_t>(NR, hidden_out - n0);
         for (int64_t p = p0; p < p1; p += MR) {
           const int64_t mr = std::min<int64_t>(MR, p1 - p);
-          gemv_tile_fmt(static_cast<int>(dn_fmt), dn, n0, rows, as.data() + p, ys, mr);
+          gemv_tile_fmt(static_cast<int>(dn_fmt), dn, n0, rows, as.rows().from(p), ys, mr);
           for (int64_t i = 0; i < mr; ++i)
             for (int64_t r = 0; r < rows; ++r)
               o[routing.token[p + i] * hidden_out + n0 + r] += routing.weight[p + i] * y[i][r];

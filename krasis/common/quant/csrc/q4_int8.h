@@ -1,0 +1,193 @@
+// q4 weights against int8 activations. fp32 unpacking of int4 made q4 compute-bound at batch 1
+// (57% of read bandwidth on 16 Xeon cores); integer dot products do 4 multiply-adds per lane per
+// instruction (AVX-512 VNNI vpdpbusd, or vpmaddubsw + vpmaddwd on AVX2 / AVX-512BW).
+//
+// Activations are quantized per 32-element chunk: d = max|x| / 127, xq = round-half-even(x / d)
+// (all zero when d is 0); cpu_kernels.int8_activations is the same rounding in torch. A chunk's
+// dot product sum (u - 8) * xq over the stored nibbles u (0..15) is exact in int32:
+// sum u * xq plus bias = -8 * sum xq, precomputed per x row. Then y += w_scale * d * dot in fp32.
+//
+// Layout of a quantized row ("int8 order"): blocks of QB chunks (QB = int32 lanes / 4), each the
+// 16 even elements of its chunks (which meet the low nibbles), then their 16 odd elements (the
+// high nibbles). Chunks past the last whole block form blocks of one. bias and d hold one value
+// per 4 bytes of a chunk: 4 per chunk, the int32 lanes of the dot products.
+#pragma once
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+constexpr int QB = 4;
+using vi = __m512i;
+inline vi vi_load(const void* p) { return _mm512_loadu_si512(p); }
+inline vi low_nibbles(vi v) { return _mm512_and_si512(v, _mm512_set1_epi8(15)); }
+inline vi high_nibbles(vi v) { return _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(15)); }
+inline vf vi_to_float(vi v) { return _mm512_cvtepi32_ps(v); }
+// acc + per lane the sum of 4 products of unsigned bytes u and signed bytes s.
+inline vi dot4(vi acc, vi u, vi s) {
+#if defined(__AVX512VNNI__)
+  return _mm512_dpbusd_epi32(acc, u, s);
+#else
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
+#endif
+}
+// The scales of 4 chunks, each spread over its 4 lanes.
+inline vf chunk_lanes(const float* s) {
+  const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  return _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_loadu_ps(s)));
+}
+#define KRASIS_Q4_VECTOR 1
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr int QB = 2;
+using vi = __m256i;
+inline vi vi_load(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline vi low_nibbles(vi v) { return _mm256_and_si256(v, _mm256_set1_epi8(15)); }
+inline vi high_nibbles(vi v) { return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(15)); }
+inline vf vi_to_float(vi v) { return _mm256_cvtepi32_ps(v); }
+inline vi dot4(vi acc, vi u, vi s) {
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+}
+inline vf chunk_lanes(const float* s) { return _mm256_set_m128(_mm_set1_ps(s[1]), _mm_set1_ps(s[0])); }
+#define KRASIS_Q4_VECTOR 1
+#else
+constexpr int QB = 1;
+#define KRASIS_Q4_VECTOR 0
+#endif
+
+// One quantized activation row: values in int8 order, and per chunk 4 biases and 4 copies of d.
+struct QRow {
+  const int8_t* q;
+  const int32_t* bias;
+  const float* d;
+};
+
+// Where chunk c of a row with `chunks` chunks starts in int8 order, and the stride of its odd half.
+inline int64_t chunk_offset(int64_t c, int64_t chunks, int64_t* odd_stride) {
+  const int64_t blocked = chunks / QB * QB, block = c < blocked ? QB : 1;
+  *odd_stride = 16 * block;
+  return 32 * (c - c % block) + 16 * (c % block);
+}
+
+// M rows of fp32 x [M, K], quantized once into buffers that outlive every QRow handed out.
+class Int8Rows {
+ public:
+  Int8Rows(const float* x, int64_t m, int64_t k) : k_(k), q_(m * k), bias_(m * k / 8), d_(m * k / 8) {
+    at::parallel_for(0, m, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j) quantize_row(x + j * k, j);
+    });
+  }
+  QRow row(int64_t j) const { return {q_.data() + j * k_, bias_.data() + j * k_ / 8, d_.data() + j * k_ / 8}; }
+
+ private:
+  void quantize_row(const float* x, int64_t j) {
+    const int64_t chunks = k_ / CHUNK;
+    int8_t* q = q_.data() + j * k_;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const float* xc = x + c * CHUNK;
+      float amax = 0.0f;
+      for (int i = 0; i < CHUNK; ++i) amax = std::max(amax, std::fabs(xc[i]));
+      const float d = amax / 127.0f;
+      int64_t odd;
+      int8_t* even_q = q + chunk_offset(c, chunks, &odd);
+      int32_t lane_sums[4] = {0, 0, 0, 0};
+      for (int i = 0; i < CHUNK / 2; ++i) {
+        const int8_t e = d > 0 ? static_cast<int8_t>(std::nearbyint(xc[2 * i] / d)) : 0;
+        const int8_t o = d > 0 ? static_cast<int8_t>(std::nearbyint(xc[2 * i + 1] / d)) : 0;
+        even_q[i] = e;
+        even_q[odd + i] = o;
+        lane_sums[i / 4] += e + o;
+      }
+      for (int l = 0; l < 4; ++l) {
+        bias_[j * k_ / 8 + 4 * c + l] = -8 * lane_sums[l];
+        d_[j * k_ / 8 + 4 * c + l] = d;
+      }
+    }
+  }
+
+  int64_t k_;
+  std::vector<int8_t> q_;
+  std::vector<int32_t> bias_;
+  std::vector<float> d_;
+};
+
+// sum over chunk c of (u - 8) * xq, for the chunk's 16 packed weight bytes w.
+inline int32_t chunk_dot(const uint8_t* w, const QRow& x, int64_t c, int64_t chunks) {
+  int64_t odd;
+  const int8_t* even_q = x.q + chunk_offset(c, chunks, &odd);
+  int32_t sum = x.bias[4 * c] + x.bias[4 * c + 1] + x.bias[4 * c + 2] + x.bias[4 * c + 3];
+  for (int i = 0; i < CHUNK / 2; ++i) sum += (w[i] & 15) * even_q[i] + (w[i] >> 4) * even_q[odd + i];
+  return sum;
+}
+
+// cs[r][i] = fp32 scale of chunk c0 + i of row r, i < n; `per_group` chunks share a scale. Counters, not a
+// division per chunk: an integer division costs more than a chunk's whole dot product.
+template <int R>
+inline void chunk_scales(const uint16_t* const* s, int64_t per_group, int64_t c0, int64_t n,
+                         float (&cs)[R][SCALE_BLOCK]) {
+  for (int r = 0; r < R; ++r) {
+    int64_t g = c0 / per_group, left = per_group - c0 % per_group;
+    float scale = bf16_to_float(s[r][g]);
+    for (int64_t i = 0; i < n; ++i) {
+      if (left == 0) {
+        scale = bf16_to_float(s[r][++g]);
+        left = per_group;
+      }
+      cs[r][i] = scale;
+      --left;
+    }
+  }
+}
+
+// y[m][r] = sum_k xq[m][k] * w[n0 + r][k] for r < R, m < M: q4 weights, int8 activations.
+template <int R, int M>
+void tile_q4(const QMatrix& w, int64_t n0, const QRow* x, float* const* y) {
+  const int64_t chunks = w.k / CHUNK, blocked = KRASIS_Q4_VECTOR ? chunks / QB * QB : 0;
+  const uint8_t* q[R];
+  const uint16_t* s[R];
+  for (int r = 0; r < R; ++r) {
+    q[r] = w.q + (n0 + r) * w.q_row;
+    s[r] = w.s + (n0 + r) * w.s_row;
+  }
+  float tail[R][M] = {};
+#if KRASIS_Q4_VECTOR
+  vf acc[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) acc[r][m] = vzero();
+#endif
+  float cs[R][SCALE_BLOCK];  // fp32 weight scale of each chunk of this block of chunks
+  for (int64_t c0 = 0; c0 < chunks; c0 += SCALE_BLOCK) {
+    const int64_t n = std::min(SCALE_BLOCK, chunks - c0);
+    chunk_scales<R>(s, w.group / CHUNK, c0, n, cs);
+#if KRASIS_Q4_VECTOR
+    for (int64_t c = c0; c < std::min(c0 + n, blocked); c += QB) {
+      vi bias[M], even[M], odd[M];  // this block of every x row, loaded once for all R weight rows
+      vf d[M];
+      for (int m = 0; m < M; ++m) {
+        bias[m] = vi_load(x[m].bias + 4 * c);
+        even[m] = vi_load(x[m].q + CHUNK * c);
+        odd[m] = vi_load(x[m].q + CHUNK * c + 16 * QB);
+        d[m] = vload(x[m].d + 4 * c);
+      }
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* p = q[r] + c * CHUNK / 2;
+        if (PREFETCH != 0) __builtin_prefetch(p + (PREFETCH > 0 ? PREFETCH : R * w.q_row));
+        const vi packed = vi_load(p), lo = low_nibbles(packed), hi = high_nibbles(packed);
+        const vf ws = chunk_lanes(cs[r] + (c - c0));
+        for (int m = 0; m < M; ++m) {
+          const vi dot = dot4(dot4(bias[m], lo, even[m]), hi, odd[m]);
+          acc[r][m] = vfma(vi_to_float(dot), vmul(ws, d[m]), acc[r][m]);
+        }
+      }
+    }
+#endif
+    for (int64_t c = std::max(c0, blocked); c < c0 + n; ++c)
+      for (int r = 0; r < R; ++r)
+        for (int m = 0; m < M; ++m)
+          tail[r][m] += cs[r][c - c0] * x[m].d[4 * c] * static_cast<float>(chunk_dot(q[r] + c * CHUNK / 2, x[m], c, chunks));
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) {
+#if KRASIS_Q4_VECTOR
+      y[m][r] = vsum(acc[r][m]) + tail[r][m];
+#else
+      y[m][r] = tail[r][m];
+#endif
+    }
+}
