@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from decode_cpu import read_bandwidth  # bench/ is sys.path[0] when run as `python bench/kernels.py`
+from krasis.bench.limits import read_bandwidth
 from krasis.common.quant.cpu_kernels import kernel_backend, quant_experts, quant_linear
 from krasis.common.quant.formats import QuantizedWeight, QuantSpec, storage_shapes
 

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from decode_cpu import v2_lite_config  # bench/ is sys.path[0] when run as `python bench/shared_cache_rss.py`
+from krasis.bench.presets import preset_config
+from krasis.bench.random_weights import checkpoint_shapes
 from krasis.common.engine import EngineConfig, EngineCore
 from krasis.common.model_loader import load_model
-from krasis.common.models.deepseek_v2 import DeepseekV2Config, DeepseekV2ForCausalLM
 from krasis.common.quant.cache import HEADER_FILE, ensure_cache
 from krasis.common.quant.plan import QuantPlan, group_of
 from krasis.common.sampling_params import SamplingParams
@@ -33,21 +33,6 @@ MB, GB = 1e6, 1e9
 COLUMNS = ("Rss", "Pss", "Pss_Anon", "Pss_File", "Shared_Clean", "Private_Clean", "Private_Dirty",
            "cache_Rss", "cache_Pss", "VmHWM")
 READY_TIMEOUT_S = 1800
-
-
-def checkpoint_shapes(raw: dict) -> dict[str, tuple[int, ...]]:
-    """Every HF checkpoint tensor name -> shape; routed experts one tensor per expert, as published."""
-    with torch.device("meta"):
-        model = DeepseekV2ForCausalLM(DeepseekV2Config.from_hf(raw))
-    shapes = {}
-    for name, param in model.named_parameters():
-        if not name.endswith(("experts.gate_up_proj", "experts.down_proj")):
-            shapes[name] = tuple(param.shape)
-            continue
-        prefix, (experts, rows, cols) = name.rsplit(".", 1)[0], param.shape  # [E, 2I, H] or [E, H, I]
-        parts = ("gate_proj", "up_proj") if name.endswith("gate_up_proj") else ("down_proj",)
-        shapes.update({f"{prefix}.{e}.{p}.weight": (rows // len(parts), cols) for e in range(experts) for p in parts})
-    return shapes
 
 
 def random_tensor(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
@@ -62,7 +47,7 @@ def write_checkpoint(model_dir: Path, layers: int) -> None:
     if (model_dir / "config.json").is_file():
         return
     shutil.rmtree(model_dir, ignore_errors=True)
-    raw, groups = v2_lite_config(layers), {}
+    raw, groups = preset_config("deepseek-v2-lite", layers), {}
     for name, shape in checkpoint_shapes(raw).items():
         groups.setdefault(group_of(name), {})[name] = shape
     gen, weight_map, total = torch.Generator().manual_seed(0), {}, 0

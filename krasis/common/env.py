@@ -18,3 +18,9 @@ def quant_cache_root() -> Path:
     """Where quantized weight caches are built: $KRASIS_CACHE_DIR, else <krasis home>/quant."""
     override = os.environ.get("KRASIS_CACHE_DIR")
     return Path(override).expanduser() if override else krasis_home() / "quant"
+
+
+def profile_dir() -> Path | None:
+    """$KRASIS_PROFILE_DIR: each worker process writes a cProfile of its run there (<title>-<pid>.prof) on exit."""
+    override = os.environ.get("KRASIS_PROFILE_DIR")
+    return Path(override).expanduser() if override else None

@@ -1,19 +1,11 @@
-"""Worker process scaffolding: spawn with a title, a ready handshake, parent-death detection, clean stop, supervision.
-
-What `ps` shows for a worker spawned with title "cpu-decode-1":
-- `ps -e`, `top`, `pgrep cpu-dec`, /proc/<pid>/comm: "krasis::cpu-dec" (the kernel keeps 15 bytes of comm);
-- `ps -ef`, `ps aux`, `pgrep -f`, /proc/<pid>/cmdline: the full "krasis::cpu-decode-1" (via setproctitle when
-  installed, else by rewriting the process's argv area in place).
-"""
+"""Worker processes: spawn with a title, a ready handshake, parent-death detection, clean stop, supervision."""
 
 import atexit
-import ctypes
 import logging
 import multiprocessing
 import os
 import select
 import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -22,11 +14,11 @@ from typing import Callable
 
 import msgpack
 
+from krasis.common.process_title import prctl, set_process_title
+
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
-_PR_SET_NAME = 15
-_COMM_BYTES = 15
 _MAX_READY_BYTES = 1 << 20
 _MAX_ERROR_CHARS = 2000
 _ORPHAN_GRACE_S = 10.0  # after the parent dies, time to stop cleanly before the watchdog forces exit
@@ -61,40 +53,6 @@ class WorkerContext:
 
     def _send(self, message: dict) -> None:
         self._ready_conn.send_bytes(msgpack.packb(message))
-
-
-def _prctl(option: int, arg) -> None:
-    if sys.platform == "linux":
-        ctypes.CDLL(None, use_errno=True).prctl(option, arg, 0, 0, 0)
-
-
-def set_process_title(title: str) -> None:
-    """Name this process `title` for comm (15 bytes, via prctl) and for the full command line."""
-    _prctl(_PR_SET_NAME, ctypes.c_char_p(title.encode()[:_COMM_BYTES]))
-    try:
-        import setproctitle  # optional: it also rewrites argv, moving environ to make room for long titles
-    except ImportError:
-        _rewrite_argv_area(title.encode())
-    else:
-        setproctitle.setproctitle(title)
-
-
-def _rewrite_argv_area(title: bytes) -> None:
-    """Overwrite the kernel's argv area (what /proc/<pid>/cmdline reads) with `title`, cut to fit."""
-    try:
-        with open("/proc/self/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-        arg_start, arg_end = int(fields[45]), int(fields[46])  # stat fields 48 and 49
-        with open("/proc/self/cmdline", "rb") as f:
-            cmdline = f.read()
-    except (OSError, IndexError, ValueError):
-        return
-    size = arg_end - arg_start
-    # Only write where we can prove the area is the argv we expect; otherwise leave the title to comm.
-    if size <= 1 or ctypes.string_at(arg_start, size) != cmdline:
-        return
-    text = title[: size - 1]
-    ctypes.memmove(arg_start, text + b"\0" * (size - len(text)), size)
 
 
 class StopSignals:
@@ -137,24 +95,58 @@ class StopSignals:
                     os._exit(1)
 
 
+def set_torch_threads(threads: int) -> None:
+    """`threads` intra-op threads and a single inter-op thread (no process here runs ops in parallel tasks).
+
+    Every pipeline process sets its own count rather than torch's default of one per host core: where the
+    processes' threads outnumber the cores, a preempted thread stalls each parallel region of a decode step
+    (on 2 cores, ops of microseconds took milliseconds; see docs/BENCHMARKS.md).
+    """
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass  # already set, or inter-op work already ran in this process: the pool exists, leave it
+
+
 def _worker_main(spec: WorkerSpec, ready_conn, parent_pid: int) -> None:
     """The child's entry point: title, parent-death signal, stop handling, then the target."""
     set_process_title(f"krasis::{spec.title}")
     # PDEATHSIG fires when the parent *thread* that spawned us exits: spawn workers from a long-lived thread.
-    _prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+    prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
     stop = threading.Event()
     signals = StopSignals(stop, parent_pid)
     signals.install_handlers()
     signals.start_watchdog()  # also catches a parent that died before the prctl above
     ctx = WorkerContext(spec, stop, parent_pid, ready_conn)
     try:
-        spec.target(ctx, *spec.args)
+        _run_target(spec, ctx)
     except Exception as exc:
         if not ctx.is_ready:
             ctx._send({"error": f"{type(exc).__name__}: {exc}"[:_MAX_ERROR_CHARS]})
         raise
     finally:
         ready_conn.close()
+
+
+def _run_target(spec: WorkerSpec, ctx: WorkerContext) -> None:
+    """spec.target(ctx, *args), under cProfile when $KRASIS_PROFILE_DIR is set (see docs/BENCHMARKS.md)."""
+    from krasis.common.env import profile_dir
+
+    directory = profile_dir()
+    if directory is None:
+        spec.target(ctx, *spec.args)
+        return
+    import cProfile
+
+    profiler = cProfile.Profile()
+    try:
+        profiler.runcall(spec.target, ctx, *spec.args)
+    finally:
+        directory.mkdir(parents=True, exist_ok=True)
+        profiler.dump_stats(directory / f"{spec.title}-{os.getpid()}.prof")
 
 
 class WorkerHandle:
@@ -165,7 +157,9 @@ class WorkerHandle:
         self.parent_pid = os.getpid()
         self._ready_conn = ready_conn
         self.ready_info: dict | None = None
+        self.ready_at: float | None = None  # time.monotonic() when its ready message was read
         self.stopping = False  # set by terminate(): a Supervisor does not report this exit as a death
+        self.kill_reason: str | None = None  # set by kill(): why the parent ended it
 
     name = property(lambda self: self.spec.name)
     pid = property(lambda self: self.process.pid)
@@ -181,7 +175,7 @@ class WorkerHandle:
             raise WorkerStartError(f"worker {self.name} (pid {self.pid}) did not report ready within {timeout} s")
         message = self._receive() if self._ready_conn.poll() else None
         if message is not None and "error" not in message:
-            self.ready_info = message
+            self.ready_info, self.ready_at = message, time.monotonic()
             return message
         self.process.join(1.0)
         reason = f"{message['error']}; " if message else ""
@@ -193,6 +187,11 @@ class WorkerHandle:
         except (EOFError, OSError, ValueError):
             return None
         return message if isinstance(message, dict) else None
+
+    def kill(self, reason: str) -> None:
+        """SIGKILL (which also ends a stopped process) a worker found broken; a Supervisor reports it as a death."""
+        self.kill_reason = reason
+        self.process.kill()  # no is_alive() first: it reaps, racing the Supervisor's join for the exit code
 
     def terminate(self, timeout: float = 5.0) -> int | None:
         """SIGTERM, then SIGKILL after `timeout` s; returns the exit code (0 when the worker stopped cleanly)."""

@@ -24,8 +24,7 @@ class MessageType(enum.IntEnum):
     HAND_OFF = 3
     TOKEN_BATCH = 4
     REQUEST_FAILED = 5
-    WORKER_READY = 6
-    WORKER_ERROR = 7
+    # 6, 7: retired (the ready handshake travels on the spawn pipe, see krasis.common.process)
     HEARTBEAT = 8
     SHUTDOWN = 9
 
@@ -122,42 +121,22 @@ class RequestFailed:
     message: str
 
 
-# --- workers -> supervisor ---
-
-
-@dataclass(frozen=True)
-class WorkerReady:
-    """A worker has loaded its weights and serves; the gateway opens only once every worker said so."""
-
-    TAG: ClassVar[MessageType] = MessageType.WORKER_READY
-    role: WorkerRole
-    index: int
-    pid: int
-    threads: int  # compute threads it runs
-    cpus: list[int]  # CPU ids it is pinned to
-    kv_pages: int  # pages of the shared KV pool it can address
-    device: str  # "cuda:0", "cpu", ...
-
-
-@dataclass(frozen=True)
-class WorkerError:
-    """A worker hit an error it cannot recover from; it exits after sending this."""
-
-    TAG: ClassVar[MessageType] = MessageType.WORKER_ERROR
-    role: WorkerRole
-    index: int
-    message: str
+# --- every worker -> gateway (on its tokens channel) ---
 
 
 @dataclass(frozen=True)
 class Heartbeat:
-    """Sent periodically while alive: steps run so far and sequences in its running batch."""
+    """Sent every second by a worker's heartbeat thread (krasis.common.heartbeat) while its process runs.
+
+    steps: pieces of work its loop finished; busy_s: how long the loop has been in the current one (0 if idle).
+    """
 
     TAG: ClassVar[MessageType] = MessageType.HEARTBEAT
     role: WorkerRole
     index: int
-    step: int
-    running: int
+    pid: int
+    steps: int
+    busy_s: float
 
 
 # --- supervisor -> worker ---
@@ -170,9 +149,5 @@ class Shutdown:
     TAG: ClassVar[MessageType] = MessageType.SHUTDOWN
 
 
-MESSAGES = (
-    AddRequest, AbortRequest, HandOff, TokenBatch, RequestFailed, WorkerReady, WorkerError, Heartbeat, Shutdown
-)
-Message = (
-    AddRequest | AbortRequest | HandOff | TokenBatch | RequestFailed | WorkerReady | WorkerError | Heartbeat | Shutdown
-)
+MESSAGES = (AddRequest, AbortRequest, HandOff, TokenBatch, RequestFailed, Heartbeat, Shutdown)
+Message = AddRequest | AbortRequest | HandOff | TokenBatch | RequestFailed | Heartbeat | Shutdown

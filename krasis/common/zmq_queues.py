@@ -166,6 +166,10 @@ class AsyncPullQueue(_Receiver):
     CONTEXT = zmq.asyncio.Context
 
     async def get(self, timeout: float | None = None) -> Message | None:
+        if timeout is None:  # no poll first: recv takes a queued message at once, else waits on the socket's fd
+            while (msg := self._decode(await self.socket.recv_multipart(copy=False))) is None:
+                pass
+            return msg
         deadline = _deadline(timeout)
         while await self.socket.poll(_poll_ms(deadline)):
             msg = self._decode(await self.socket.recv_multipart(copy=False))

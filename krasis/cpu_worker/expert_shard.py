@@ -26,7 +26,7 @@ def shard_range(num_experts: int, shard_index: int, num_shards: int) -> tuple[in
     return start, start + base + (shard_index < extra)
 
 
-def _slice(weight, start: int, stop: int):
+def slice_experts(weight, start: int, stop: int):
     """Experts [start, stop) of a stacked float tensor or QuantizedWeight (a view, no copy)."""
     if isinstance(weight, QuantizedWeight):
         shape = (stop - start, *weight.shape[1:])
@@ -34,7 +34,7 @@ def _slice(weight, start: int, stop: int):
     return weight.detach()[start:stop]
 
 
-def _own_copy(weight):
+def own_copy(weight):
     if isinstance(weight, QuantizedWeight):
         return QuantizedWeight(weight.spec, weight.shape, weight.qweight.clone(), weight.scales.clone())
     return weight.clone()
@@ -48,13 +48,20 @@ def _storage_nbytes(weight) -> int:
 class ExpertShard:
     """Experts [start, stop) of one layer; `partial` computes their share of the layer's routed-expert output."""
 
-    def __init__(self, experts: StackedExperts, shard_index: int, num_shards: int):
-        self.num_experts, self.shard_index, self.num_shards = experts.num_experts, shard_index, num_shards
-        self.start, self.stop = shard_range(experts.num_experts, shard_index, num_shards)
+    def __init__(self, experts: StackedExperts, shard_index: int, num_shards: int, num_experts: int | None = None):
+        """`experts`: all of the layer's experts, or only this shard's when `num_experts` gives the layer's count."""
+        self.num_experts = experts.num_experts if num_experts is None else num_experts
+        self.shard_index, self.num_shards = shard_index, num_shards
+        self.start, self.stop = shard_range(self.num_experts, shard_index, num_shards)
+        if num_experts is not None and experts.num_experts != self.stop - self.start:
+            raise ValueError(f"shard {shard_index} of {num_shards} holds {self.stop - self.start} experts, "
+                             f"the module {experts.num_experts}")  # fmt: skip
         self.hidden_act, self.act_fn = experts.hidden_act, experts.act_fn
         weights = experts.quantized or {"gate_up_proj": experts.gate_up_proj, "down_proj": experts.down_proj}
-        self.gate_up = _slice(weights["gate_up_proj"], self.start, self.stop)  # [E_shard, 2I, H]
-        self.down = _slice(weights["down_proj"], self.start, self.stop)  # [E_shard, H, I]
+        first = self.start if num_experts is None else 0
+        last = first + self.stop - self.start
+        self.gate_up = slice_experts(weights["gate_up_proj"], first, last)  # [E_shard, 2I, H]
+        self.down = slice_experts(weights["down_proj"], first, last)  # [E_shard, H, I]
 
     @property
     def quantized(self) -> bool:
@@ -67,7 +74,7 @@ class ExpertShard:
 
     def slice_weights(self) -> "ExpertShard":
         """Hold copies of only this shard's experts, so dropping the full StackedExperts frees the rest."""
-        self.gate_up, self.down = _own_copy(self.gate_up), _own_copy(self.down)
+        self.gate_up, self.down = own_copy(self.gate_up), own_copy(self.down)
         return self
 
     def owns(self, topk_ids: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ import os
 import platform
 from dataclasses import dataclass
 
+from krasis.common.process import set_torch_threads
 from krasis.common.topology import WorkerPlacement, numa_node_ids
 
 log = logging.getLogger("krasis.cpu_worker")
@@ -93,7 +94,7 @@ def pin_current_process(
     os.sched_setaffinity(0, placement.cpus)
     import torch  # lazily: the topology plan and tests of it need no torch
 
-    torch.set_num_threads(placement.threads)
+    set_torch_threads(placement.threads)
     warning = None
     if bind_memory and len(numa_node_ids(sysfs_root)) > 1:
         warning = bind_memory_to_node(placement.node, strict)

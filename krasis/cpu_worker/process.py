@@ -11,8 +11,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from krasis.common.heartbeat import LoopProgress, start_heartbeat
 from krasis.common.protocol import FinishReason
-from krasis.common.protocol_pipeline import AbortRequest, HandOff, RequestFailed, Shutdown, TokenBatch, TokenOut
+from krasis.common.protocol_pipeline import (
+    AbortRequest, HandOff, RequestFailed, Shutdown, TokenBatch, TokenOut, WorkerRole,
+)  # fmt: skip
 from krasis.common.topology import WorkerPlacement
 from krasis.ctl.loading import WeightOptions
 
@@ -51,13 +54,13 @@ def run_decode_worker(ctx, config: DecodeWorkerConfig) -> None:
     from krasis.ctl.loading import load_for_generation
 
     pinning = pin_current_process(config.placement, bind_memory=True)
-    model, tokenizer = load_for_generation(config.weights)
     capacity = {"role": "cpu-decode", "index": config.shard_index, "threads": pinning.threads,
                 "cpus": list(pinning.cpus), "memory_policy": pinning.memory_policy}  # fmt: skip
     if config.shard_index == 0:
+        model, tokenizer = load_for_generation(config.weights)
         _lead(ctx, config, model, tokenizer.eos_token_ids, capacity)
     else:
-        _follow(ctx, config, model, capacity)
+        _follow(ctx, config, capacity)
 
 
 class ExchangedExperts(nn.Module):
@@ -93,8 +96,10 @@ def _lead(ctx, config: DecodeWorkerConfig, model, eos_token_ids, capacity: dict)
     inbox = PullQueue(config.hand_off_endpoint, bind=True)
     tokens = PushQueue(config.tokens_endpoint, bind=False)
     ctx.ready({**capacity, "kv_pages": pool.num_pages, "shards": config.num_shards})
+    loop = _DecodeLoop(core, inbox, tokens)
+    start_heartbeat(config.tokens_endpoint, WorkerRole.CPU_DECODE, 0, loop.progress, ctx.stop)
     try:
-        _DecodeLoop(core, inbox, tokens).run(ctx.stop)
+        loop.run(ctx.stop)
     finally:
         inbox.close()
         tokens.close()
@@ -116,26 +121,39 @@ def _shard_model(model, config: DecodeWorkerConfig):
     return exchange
 
 
-def _follow(ctx, config: DecodeWorkerConfig, model, capacity: dict) -> None:
-    from krasis.cpu_worker.expert_shard import ExpertShard
+def _follow(ctx, config: DecodeWorkerConfig, capacity: dict) -> None:
     from krasis.cpu_worker.shard_exchange import ShardExchange
 
-    index, count = config.shard_index, config.num_shards
-    shards = [ExpertShard(p.experts, index, count).slice_weights() for p in _moe_parents(model)]
-    del model  # only the shards' own copies stay
+    index = config.shard_index
+    shards = _load_shards(config.weights, index, config.num_shards)
     exchange = ShardExchange.attach(config.exchange)
-    follower = exchange.follower(config.shard_index)
+    follower = exchange.follower(index)
     ctx.ready(capacity)
+    progress = LoopProgress()
+    start_heartbeat(config.tokens_endpoint, WorkerRole.CPU_DECODE, index, progress, ctx.stop)
 
     @torch.inference_mode()
     def compute(step):
         # weights travel as fp32; the leader's own shard multiplies in the model dtype: round back to match
-        return shards[step.layer].partial(step.x, step.topk_ids, step.topk_weights.to(step.x.dtype))
+        with progress.busy():
+            return shards[step.layer].partial(step.x, step.topk_ids, step.topk_weights.to(step.x.dtype))
 
     try:
         follower.serve(compute, stop=ctx.stop)
     finally:
         exchange.close()
+
+
+def _load_shards(weights: WeightOptions, index: int, count: int) -> list:
+    """Only this follower's experts, never the whole model (see shard_weights)."""
+    from krasis.common.default_model import default_model_dir
+    from krasis.common.model_loader import resolve_dtype
+    from krasis.common.quant.plan import QuantPlan
+    from krasis.cpu_worker.shard_weights import load_expert_shards
+
+    plan = QuantPlan.parse(weights.quant, weights.dense_quant)
+    directory = weights.model_dir or default_model_dir()
+    return load_expert_shards(directory, index, count, resolve_dtype(weights.dtype), plan, weights.cache_dir)
 
 
 class _DecodeLoop:
@@ -144,19 +162,27 @@ class _DecodeLoop:
     def __init__(self, core, inbox, tokens):
         self.core, self.inbox, self.tokens = core, inbox, tokens
         self.tombstones: OrderedDict[str, None] = OrderedDict()
+        self.progress = LoopProgress()
 
     def run(self, stop) -> None:
         while not stop.is_set():
             msg = self.inbox.get(0 if self.core.has_work else IDLE_POLL_S)
-            while msg is not None:
-                if isinstance(msg, Shutdown):
+            with self.progress.busy():
+                if not self._turn(msg):
                     return
-                self._apply(msg)
-                msg = self.inbox.get_nowait()
-            if self.core.has_work:
-                events = self.core.step()  # a failure here (a dead shard) ends the worker: the pool is rebuilt
-                if events:
-                    self.tokens.put(TokenBatch(events))
+
+    def _turn(self, msg) -> bool:
+        """Apply `msg` and every message queued behind it, then run one step; False on Shutdown."""
+        while msg is not None:
+            if isinstance(msg, Shutdown):
+                return False
+            self._apply(msg)
+            msg = self.inbox.get_nowait()
+        if self.core.has_work:
+            events = self.core.step()  # a failure here (a dead shard) ends the worker: the pool is rebuilt
+            if events:
+                self.tokens.put(TokenBatch(events))
+        return True
 
     def _apply(self, msg) -> None:
         if isinstance(msg, HandOff):

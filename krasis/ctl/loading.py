@@ -15,6 +15,7 @@ class WeightOptions:
     quant: str = "none"
     dense_quant: str = "bf16"
     cache_dir: str | None = None
+    vram_budget_gib: float | None = None  # GPU prefill: None = free VRAM minus a margin
 
 
 def load_for_generation(options: WeightOptions):

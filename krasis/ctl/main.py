@@ -2,6 +2,7 @@
 
 import click
 
+from krasis.ctl.bench import bench
 from krasis.ctl.generate import generate
 from krasis.ctl.prepare import prepare
 from krasis.ctl.serve import serve
@@ -13,6 +14,7 @@ def cli():
     """krasis: serve large Mixture-of-Experts models (GPU prefill, CPU decode)."""
 
 
+cli.add_command(bench)
 cli.add_command(generate)
 cli.add_command(prepare)
 cli.add_command(serve)

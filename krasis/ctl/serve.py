@@ -38,14 +38,16 @@ PR_SET_NAME = 15
               help="CPU decode workers: auto (one per NUMA node), ccd (one per L3 domain) or a count.")
 @click.option("--gpu", default="auto", show_default=True,
               help="Prefill worker device: auto (cuda:0 when there is a GPU), none (the CPU) or a CUDA index.")
+@click.option("--vram-budget", type=click.FloatRange(min=0, min_open=True),
+              help="GiB of VRAM GPU prefill may use; experts that don't fit stream [default: free VRAM minus 1 GiB].")
 @click.option("--in-process", is_flag=True, help="Run the engine on a thread of the gateway (no worker processes).")
 def serve(model_dir, host, port, api_key, quant, dense_quant, cache_dir, dtype, device, max_context, max_concurrency,
-          max_queue, served_model_name, cpu_workers, gpu, in_process):
+          max_queue, served_model_name, cpu_workers, gpu, vram_budget, in_process):
     """Serve the model over the OpenAI HTTP API until SIGTERM or Ctrl-C."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with user_errors():
         _set_process_title("krasis::gateway")
-        weights = WeightOptions(model_dir, dtype, device, quant, dense_quant, cache_dir)
+        weights = WeightOptions(model_dir, dtype, device, quant, dense_quant, cache_dir, vram_budget)
         max_queue = 4 * max_concurrency if max_queue is None else max_queue
         if in_process:
             engine, tokenizer, name = _load(weights, max_context, max_concurrency, served_model_name)

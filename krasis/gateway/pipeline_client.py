@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from krasis.common.engine import TokenEvent
 from krasis.common.kv_cache import PageAllocator
 from krasis.common.protocol import FinishReason
-from krasis.common.protocol_pipeline import AbortRequest, AddRequest, RequestFailed, TokenBatch, TokenOut
+from krasis.common.protocol_pipeline import AbortRequest, AddRequest, Heartbeat, RequestFailed, TokenBatch, TokenOut
 from krasis.common.sampling_params import SamplingParams
 from krasis.gateway.engine_client import EngineClient, EngineError, EngineStats
+from krasis.gateway.heartbeats import HeartbeatMonitor, watch_heartbeats
 from krasis.gateway.worker_groups import DECODE, PREFILL, PipelineConfig, WorkerGroups  # noqa: F401 (PipelineConfig re-exported)
 from krasis.gateway.metrics import RateWindow
 
@@ -62,6 +63,7 @@ class PipelineEngineClient(EngineClient):
         self._prefill_rate, self._decode_rate = RateWindow(), RateWindow()
         self._run_dir = tempfile.mkdtemp(prefix="krasis-")
         self.workers = WorkerGroups(config, self._run_dir, max_running)
+        self.heartbeats = HeartbeatMonitor(config.heartbeat_timeout_s, config.stall_timeout_s)
 
     # --- lifecycle ---
 
@@ -80,6 +82,7 @@ class PipelineEngineClient(EngineClient):
             asyncio.create_task(self._read(self.workers.prefill_tokens, PREFILL)),
             asyncio.create_task(self._read(self.workers.decode_tokens, DECODE)),
             asyncio.create_task(self._send_outbox()),
+            asyncio.create_task(watch_heartbeats(self.heartbeats, self.workers)),
         ]
         self.workers.supervisor.start()
         self._failure = None
@@ -168,6 +171,8 @@ class PipelineEngineClient(EngineClient):
                         self._on_token(role, event)
                 elif isinstance(msg, RequestFailed):
                     self._on_failed(msg)
+                elif isinstance(msg, Heartbeat):
+                    self.heartbeats.beat(msg)
             except Exception:  # a bug here must not stop every stream
                 log.exception("handling a %s from the %s worker failed", type(msg).__name__, role)
 
@@ -231,7 +236,8 @@ class PipelineEngineClient(EngineClient):
         role = self.workers.role_of(handle)
         if role is None or role in self.workers.restarting:
             return
-        message = f"worker {handle.name} (pid {handle.pid}) died with exit code {handle.exitcode}"
+        ended = handle.kill_reason or f"died with exit code {handle.exitcode}"
+        message = f"worker {handle.name} (pid {handle.pid}) {ended}"
         self._failure = f"{message}; restarting it"
         self._fail_all(message)
         self.workers.restarting.add(role)

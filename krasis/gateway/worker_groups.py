@@ -4,7 +4,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 
-from krasis.common.process import Supervisor, spawn_worker
+from krasis.common.process import Supervisor, set_torch_threads, spawn_worker
 from krasis.common.shm import SharedKVPool, cleanup_stale
 from krasis.common.topology import WorkerPlacement
 from krasis.common.zmq_queues import AsyncPullQueue, AsyncPushQueue, ipc_endpoint
@@ -15,6 +15,22 @@ log = logging.getLogger("krasis.gateway")
 
 PREFILL, DECODE = "prefill", "decode"
 KV_POOL_PREFIX, EXCHANGE_PREFIX = "krasis-kv", "krasis-experts"
+# Physical cores the decode pool leaves to the gateway's event loop and the prefill worker: each token crosses
+# the gateway while the pool runs the next step, and a decode thread that shares its core stalls the whole step.
+HOST_CORES = 1
+
+
+def decode_placements(placements: tuple[WorkerPlacement, ...]) -> tuple[WorkerPlacement, ...]:
+    """The pool's placements less HOST_CORES threads, taken from the leader (worker 0), which keeps at least one."""
+    leader = placements[0]
+    threads = max(1, leader.threads - HOST_CORES)
+    return (dataclasses.replace(leader, threads=threads), *placements[1:])
+
+
+def prefill_threads(device: str) -> int:
+    """On a GPU the worker's CPU side only launches kernels and samples. On the CPU (the fallback) it gets the
+    HOST_CORES the pool leaves: more threads would stall every decode step while a prompt prefills."""
+    return 1 if device == "cuda" else HOST_CORES
 
 
 @dataclass(frozen=True)
@@ -33,6 +49,8 @@ class PipelineConfig:
     kv_pages: int
     page_size: int
     ready_timeout_s: float = 300.0
+    heartbeat_timeout_s: float = 10.0  # silent this long (stopped, frozen): hung; workers beat every second
+    stall_timeout_s: float = 600.0  # in one loop step this long: hung (a long prompt's prefill step takes minutes)
 
 
 class WorkerGroups:
@@ -52,6 +70,7 @@ class WorkerGroups:
     def open(self, on_death) -> None:
         """Create the KV pool and sockets, spawn every worker (call wait_ready next). Event loop thread."""
         c = self.config
+        set_torch_threads(1)  # the gateway runs no tensor math; it must not hold cores the pool needs
         for prefix in (KV_POOL_PREFIX, EXCHANGE_PREFIX):  # left by a gateway that was SIGKILLed
             for name in cleanup_stale(prefix):
                 log.warning("removed stale shared memory /dev/shm/%s", name)
@@ -75,7 +94,9 @@ class WorkerGroups:
         config = PrefillWorkerConfig(0, c.weights, None, self.pool.descriptor.as_dict(), self.endpoints["prefill"],
                                      self.endpoints["tok-prefill"], self.endpoints["decode"], c.max_context,
                                      c.max_batch_tokens)  # fmt: skip
-        return [spawn_worker(run_prefill_worker, "gpu-prefill-0", prefill_title(0), (with_device(config, c.gpu),))]
+        config = with_device(config, c.gpu)
+        config = dataclasses.replace(config, threads=prefill_threads(config.weights.device))
+        return [spawn_worker(run_prefill_worker, "gpu-prefill-0", prefill_title(0), (config,))]
 
     def _spawn_decode_pool(self) -> list:
         from krasis.cpu_worker.shard_exchange import ShardExchange
@@ -95,8 +116,9 @@ class WorkerGroups:
             title = decode_title(placement.index)
             return spawn_worker(run_decode_worker, title, title, (config,))
 
-        followers = [spawn(p, ()) for p in c.placements[1:]]  # first: the leader watches their pids
-        leader = spawn(c.placements[0], (0, *(f.pid for f in followers)))
+        placements = decode_placements(c.placements)
+        followers = [spawn(p, ()) for p in placements[1:]]  # first: the leader watches their pids
+        leader = spawn(placements[0], (0, *(f.pid for f in followers)))
         return [leader, *followers]
 
     def wait_ready(self, role: str | None = None) -> None:

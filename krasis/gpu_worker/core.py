@@ -5,7 +5,7 @@ import secrets
 
 import torch
 
-from krasis.common.kv_cache import KVCache, PageAllocator
+from krasis.common.kv_cache import KVCache
 from krasis.common.protocol_pipeline import AddRequest, HandOff, TokenOut
 from krasis.common.sampling import SequenceSampler
 from krasis.common.sequence_state import (
@@ -19,31 +19,43 @@ from krasis.common.sequence_state import (
     sample_ready,
     schedule,
 )
+from krasis.gpu_worker.staging import DeviceStaging
+from krasis.gpu_worker.streaming import chunk_batches
+from krasis.gpu_worker.vram_plan import DEFAULT_STATE_SLOTS
 
 
 class GpuPrefillCore:
     """Chunked prefill within `max_batch_tokens` per step into pages the request names (the scheduler owns them).
 
     When the model's device is not the KV pool's (cuda model, pool in host shared memory), or `staging_pages`
-    is given, the model attends over a staging KVCache on its own device and each step's new KV is copied
-    into the pool with one indexed copy per layer. Prompts wait until their whole prompt fits the staging pages.
+    is given, the model attends over DeviceStaging on its own device and each step's new KV (and the state rows
+    of the prompts it finishes) is copied into the pool through KVHandOff. Prompts wait for their staging pages.
+
+    With a `runner` (StreamingPrefill, model = runner.model) a step takes whole prompts, up to
+    runner.plan.step_tokens tokens, runs them in chunks layer by layer while streamed experts arrive, and hands
+    each layer's KV off as soon as it is final, so the device holds one layer's KV at a time. With a `cpu_route`
+    too, steps the cost model gives to the CPU run on its CPU model, writing the pool directly.
     """
 
     def __init__(
         self, model, kv: KVCache, eos_token_ids: frozenset[int], vocab_size: int, max_batch_tokens: int,
-        max_context: int | None = None, staging_pages: int | None = None,
+        max_context: int | None = None, staging_pages: int | None = None, runner=None, cpu_route=None,
+        staging_state_slots: int = DEFAULT_STATE_SLOTS,
     ):  # fmt: skip
         self.model, self.kv, self.eos_token_ids, self.vocab_size = model, kv, eos_token_ids, vocab_size
-        self.max_batch_tokens = max_batch_tokens
+        self.runner, self.cpu_route = runner, cpu_route
+        self.step_tokens = max_batch_tokens if runner is None else runner.plan.step_tokens
         self.max_context = max_context if max_context is not None else model.config.max_position_embeddings
-        self.device = next(model.parameters()).device
-        self.staging: KVCache | None = None
+        self.device = runner.device if runner is not None else next(model.parameters()).device
+        self.has_state = any(model.state_widths)
+        self.staging: DeviceStaging | None = None
         if staging_pages is not None or kv.layers[0].device != self.device:
             pages = staging_pages if staging_pages is not None else kv.num_pages
-            widths = [layer.shape[1] for layer in kv.layers]
-            self.staging = KVCache.allocate(widths, pages, kv.page_size, kv.layers[0].dtype, self.device)
-            self.staging_allocator = PageAllocator(pages)
-        self.staging_tables: dict[str, list[int]] = {}
+            if runner is not None:  # the plan counted one step's KV, one layer at a time, and its state rows
+                pages = staging_pages or kv.pages_for(runner.plan.step_tokens)
+                staging_state_slots = runner.plan.state_slots
+            self.staging = DeviceStaging(kv, model.state_widths, pages, staging_state_slots, self.device,
+                                         per_layer=runner is not None)  # fmt: skip
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
 
@@ -51,21 +63,36 @@ class GpuPrefillCore:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def close(self) -> None:
+        """Release the pool's registration (before the pool is unmapped)."""
+        if self.staging is not None:
+            self.staging.close()
+
     def add(self, request: AddRequest) -> None:
-        """Queue a prompt; ValueError if it, its page table or its id is unusable (nothing is queued then)."""
+        """Queue a prompt; ValueError if it, its page table, its state slot or its id is unusable (nothing is queued then)."""
         prompt = list(request.prompt_ids)
         check_prompt(prompt, self.vocab_size, self.max_context)
         check_page_table(request.page_table, len(prompt), self.kv)
+        state_slot = getattr(request, "state_slot", None)  # until protocol_pipeline's AddRequest carries it
+        self._check_state_slot(state_slot)
         if any(s.request_id == request.request_id for s in self.waiting + self.running):
             raise ValueError(f"request {request.request_id!r} is already prefilling")
-        if self.staging is not None and self.staging.pages_for(len(prompt)) > self.staging.num_pages:
-            raise ValueError(f"a {len(prompt)}-token prompt does not fit the {self.staging.num_pages} staging pages")
+        if self.runner is not None and len(prompt) > self.step_tokens:
+            raise ValueError(f"a {len(prompt)}-token prompt exceeds the {self.step_tokens}-token prefill step of the "
+                             "VRAM plan")  # fmt: skip
+        if self.staging is not None and not self.staging.fits(len(prompt)):
+            raise ValueError(f"a {len(prompt)}-token prompt does not fit the {self.staging.pages.num_pages} staging pages")
         params = request.sampling
         if params.seed is None:  # decode continues the same random stream only from a known seed
             params = dataclasses.replace(params, seed=secrets.randbits(63))
         sampler = SequenceSampler(params, prompt, self.vocab_size)
-        seq = Sequence(request.request_id, prompt, len(prompt), params, sampler, list(request.page_table))
+        seq = Sequence(request.request_id, prompt, len(prompt), params, sampler, list(request.page_table), state_slot=state_slot)
         self.waiting.append(seq)
+
+    def _check_state_slot(self, state_slot: int | None) -> None:
+        if self.has_state and not (state_slot is not None and 0 <= state_slot < self.kv.num_state_slots):
+            raise ValueError(f"this model keeps per-sequence state: the request needs a state slot in "
+                             f"0..{self.kv.num_state_slots - 1}, got {state_slot}")  # fmt: skip
 
     def abort(self, request_id: str) -> None:
         """Forget a sequence: no token or hand-off for it after this. Its pool pages stay the scheduler's."""
@@ -78,15 +105,16 @@ class GpuPrefillCore:
     def step(self) -> tuple[list[TokenOut], list[HandOff]]:
         """One forward over prefill chunks: first tokens of the prompts that completed and their hand-offs."""
         self._admit()
-        plan = schedule(self.running, self.max_batch_tokens)
+        plan = self._schedule()
         if not plan:
             return [], []
-        tables = None if self.staging is None else [self.staging_tables[s.request_id] for s, _ in plan]
-        input_ids, batch = forward_batch(plan, self.staging or self.kv, self.device, tables)
-        hidden = self.model(input_ids, batch)  # [T, H]
-        if self.staging is not None:
-            self._copy_to_pool(plan, batch.write_slots)
-        seqs, result = sample_ready(self.model, hidden, batch, plan)
+        if self._routes_to_cpu(plan):
+            model = self.cpu_route.cpu_model
+            input_ids, batch = forward_batch(plan, self.kv, self.kv.layers[0].device)
+            hidden = model(input_ids, batch)  # [T, H], KV and state written straight into the pool
+        else:
+            model, hidden, batch = self.model, *self._device_forward(plan)
+        seqs, result = sample_ready(model, hidden, batch, plan)
         tokens, hand_offs = [], []
         for row, seq in enumerate(seqs):
             token, reason = append_token(seq, result.token_ids[row], self.eos_token_ids, self.max_context)
@@ -98,30 +126,55 @@ class GpuPrefillCore:
         return tokens, hand_offs
 
     def _admit(self) -> None:
-        """Start waiting prompts, in order, while their staging pages fit (all at once without staging)."""
+        """Start waiting prompts, in order, while their staging fits (all at once without staging)."""
         while self.waiting:
-            seq = self.waiting[0]
-            if self.staging is not None:
-                pages = self.staging.pages_for(seq.num_prompt_tokens)
-                if pages > self.staging_allocator.num_free:
-                    return
-                self.staging_tables[seq.request_id] = self.staging_allocator.allocate(pages)
+            if self.staging is not None and not self.staging.admit(self.waiting[0]):
+                return
             self.running.append(self.waiting.pop(0))
 
-    def _copy_to_pool(self, plan: Plan, staging_slots: torch.Tensor) -> None:
-        """This step's new KV (before num_cached advances), staging slots -> the request's pool slots."""
-        pool_device = self.kv.layers[0].device
-        new_slots = [self.kv.slots(s.page_table, s.num_cached, s.num_cached + n, pool_device) for s, n in plan]
-        pool_slots = torch.cat(new_slots)
-        for pool_layer, staging_layer in zip(self.kv.layers, self.staging.layers):
-            pool_layer.index_copy_(0, pool_slots, staging_layer.index_select(0, staging_slots).to(pool_device))
+    def _schedule(self) -> Plan:
+        """Prefill chunks within the step; with a runner whole prompts only (its staging keeps no KV between steps)."""
+        if self.runner is None:
+            return schedule(self.running, self.step_tokens)
+        plan, room = [], self.step_tokens
+        for seq in self.running:
+            if seq.num_uncached > room:
+                break
+            plan.append((seq, seq.num_uncached))
+            room -= seq.num_uncached
+        return plan
+
+    def _routes_to_cpu(self, plan: Plan) -> bool:
+        """Only whole prompts go to the CPU (their KV must all come from one side)."""
+        whole = all(s.num_cached == 0 and n == s.num_uncached for s, n in plan)
+        return self.cpu_route is not None and whole and self.cpu_route.use_cpu(sum(n for _, n in plan))
+
+    def _device_forward(self, plan: Plan):
+        """The plan on the model's device (streamed when there is a runner), its results handed to the pool -> (hidden, batch)."""
+        staging = self.staging
+        kv, staged = (self.kv, plan) if staging is None else (staging.kv, staging.staged(plan))
+        if self.runner is None:
+            input_ids, batch = forward_batch(staged, kv, self.device)
+            hidden = self.model(input_ids, batch)  # [T, H]
+            if staging is not None:
+                staging.begin(plan, batch.write_slots)
+                staging.hand_off.copy_all()
+            return hidden, batch
+        input_ids, chunks, batch = chunk_batches(staged, kv, self.device, self.runner.plan.chunk_tokens)
+        if staging is None:
+            return self.runner.forward(input_ids, chunks), batch
+        staging.begin(plan, batch.write_slots)
+        hidden = self.runner.forward(input_ids, chunks, after_layer=staging.hand_off.layer_done)  # [T, H]
+        staging.hand_off.finish()
+        return hidden, batch
 
     def _release_staging(self, seq: Sequence) -> None:
-        table = self.staging_tables.pop(seq.request_id, None)
-        if table is not None:
-            self.staging_allocator.free(table)
+        if self.staging is not None:
+            self.staging.release(seq.request_id)
 
 
 def _hand_off(seq: Sequence) -> HandOff:
     """Everything decode needs: KV of all but the last token is already in the shared pages (kv_layers empty)."""
-    return HandOff(seq.request_id, seq.token_ids, seq.num_prompt_tokens, seq.page_table, seq.params, [])
+    # the state slot rides along once protocol_pipeline's HandOff has the field (the lead is adding it)
+    extra = {"state_slot": seq.state_slot} if "state_slot" in HandOff.__dataclass_fields__ else {}
+    return HandOff(seq.request_id, seq.token_ids, seq.num_prompt_tokens, seq.page_table, seq.params, [], **extra)

@@ -8,8 +8,11 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 
+from krasis.common.heartbeat import LoopProgress, start_heartbeat
 from krasis.common.protocol import FinishReason
-from krasis.common.protocol_pipeline import AbortRequest, AddRequest, RequestFailed, Shutdown, TokenBatch, TokenOut
+from krasis.common.protocol_pipeline import (
+    AbortRequest, AddRequest, RequestFailed, Shutdown, TokenBatch, TokenOut, WorkerRole,
+)  # fmt: skip
 from krasis.ctl.loading import WeightOptions
 
 log = logging.getLogger("krasis.gpu_worker")
@@ -30,47 +33,83 @@ class PrefillWorkerConfig:
     hand_off_endpoint: str  # connected: HandOff to decode worker 0
     max_context: int
     max_batch_tokens: int
+    threads: int = 1  # torch CPU threads: the prefill itself on the CPU, kernel launches and sampling on a GPU
 
 
 def run_prefill_worker(ctx, config: PrefillWorkerConfig) -> None:
     """Worker target (see krasis.common.process.spawn_worker): load, report ready, serve until stopped."""
     import torch
 
+    from krasis.common.process import set_torch_threads
     from krasis.common.shm import SharedKVPool, shared_kv_cache
     from krasis.common.zmq_queues import PullQueue, PushQueue
     from krasis.ctl.loading import load_for_generation
     from krasis.gpu_worker.core import GpuPrefillCore
 
+    set_torch_threads(config.threads)
     if config.cuda_index is not None:
         torch.cuda.set_device(config.cuda_index)
-    model, tokenizer = load_for_generation(config.weights)
     pool = SharedKVPool.attach(config.kv_pool)
-    core = GpuPrefillCore(model, shared_kv_cache(pool), tokenizer.eos_token_ids, model.config.vocab_size,
-                          config.max_batch_tokens, max_context=config.max_context)  # fmt: skip
+    if config.weights.device == "cuda":
+        core, tokenizer = _streaming_core(config, shared_kv_cache(pool))
+    else:
+        model, tokenizer = load_for_generation(config.weights)
+        core = GpuPrefillCore(model, shared_kv_cache(pool), tokenizer.eos_token_ids, model.config.vocab_size,
+                              config.max_batch_tokens, max_context=config.max_context)  # fmt: skip
     requests = PullQueue(config.requests_endpoint, bind=True)
     tokens = PushQueue(config.tokens_endpoint, bind=False)
     hand_offs = PushQueue(config.hand_off_endpoint, bind=False)
     device = str(core.device)
     ctx.ready({"role": "gpu-prefill", "index": config.index, "device": device, "kv_pages": pool.num_pages,
                "threads": torch.get_num_threads()})  # fmt: skip
+    progress = LoopProgress()
+    start_heartbeat(config.tokens_endpoint, WorkerRole.GPU_PREFILL, config.index, progress, ctx.stop)
     try:
-        _serve(ctx, core, requests, tokens, hand_offs)
+        _serve(ctx, core, requests, tokens, hand_offs, progress)
     finally:
         for queue in (requests, tokens, hand_offs):
             queue.close()
+        core.close()  # unregisters the pool from CUDA before it is unmapped
         pool.close()
 
 
-def _serve(ctx, core, requests, tokens, hand_offs) -> None:
+def _streaming_core(config: PrefillWorkerConfig, kv):
+    """The model loads on the CPU side (memory-mapped cache); the VRAM plan decides what the GPU holds."""
+    import torch
+
+    from krasis.ctl.loading import load_for_generation
+    from krasis.gpu_worker.core import GpuPrefillCore
+    from krasis.gpu_worker.prefill_cost import crossover_tokens
+    from krasis.gpu_worker.prefill_runner import CpuPrefillRoute, build_prefill_runner, measure_rates
+
+    host_model, tokenizer = load_for_generation(dataclasses.replace(config.weights, device="cpu"))
+    device = torch.device("cuda", torch.cuda.current_device())
+    runner = build_prefill_runner(host_model, device, config.weights.vram_budget_gib,
+                                  step_tokens=config.max_context, kv_dtype_bytes=kv.layers[0].element_size())  # fmt: skip
+    log.info("%s", runner.plan.describe())
+    route = None
+    if runner.plan.streams:
+        rates = measure_rates(runner, host_model)
+        route = CpuPrefillRoute(host_model, rates, runner.plan.streamed_bytes)
+        log.info("prefill on the CPU below %s tokens (link %.1f GB/s, GPU %.0f tok/s, CPU %.0f tok/s)",
+                 crossover_tokens(runner.plan.streamed_bytes, rates), rates.link_bytes_per_s / 1e9,
+                 rates.gpu_tokens_per_s, rates.cpu_tokens_per_s)  # fmt: skip
+    core = GpuPrefillCore(runner.model, kv, tokenizer.eos_token_ids, host_model.config.vocab_size,
+                          config.max_batch_tokens, max_context=config.max_context, runner=runner, cpu_route=route)  # fmt: skip
+    return core, tokenizer
+
+
+def _serve(ctx, core, requests, tokens, hand_offs, progress: LoopProgress) -> None:
     while not ctx.stop.is_set():
         msg = requests.get(0 if core.has_work else IDLE_POLL_S)
-        while msg is not None:
-            if isinstance(msg, Shutdown):
-                return
-            _apply(core, msg, tokens)
-            msg = requests.get_nowait()
-        if core.has_work:
-            _step(core, tokens, hand_offs)
+        with progress.busy():
+            while msg is not None:
+                if isinstance(msg, Shutdown):
+                    return
+                _apply(core, msg, tokens)
+                msg = requests.get_nowait()
+            if core.has_work:
+                _step(core, tokens, hand_offs)
 
 
 def _apply(core, msg, tokens) -> None:

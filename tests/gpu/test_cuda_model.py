@@ -20,7 +20,7 @@ def exact_matmul():
 
 
 def test_fp32_logits_on_cuda_match_transformers(model_dir, reference, variant):
-    tokens = prompt(80, reference.config.vocab_size)
+    tokens = prompt(80, reference.config.get_text_config().vocab_size)
     cuda = load_model(model_dir, dtype=torch.float32, device="cuda")
     err = relative_error(teacher_forced_logits(cuda, tokens), reference_logits(reference, tokens))
     assert err <= TOLERANCE, f"{variant}: CUDA fp32 relative logit error {err:.2e}"
@@ -28,7 +28,7 @@ def test_fp32_logits_on_cuda_match_transformers(model_dir, reference, variant):
 
 def test_bf16_on_cuda_errs_no_more_than_transformers_bf16(model_dir, reference, variant):
     """bf16 vs exact, per token (bf16 rounding breaks near-tie router choices either way), against the reference's own bf16 error."""
-    tokens = prompt(80, reference.config.vocab_size)
+    tokens = prompt(80, reference.config.get_text_config().vocab_size)
     exact = reference_logits(reference, tokens)
     reference_bf16 = reference_logits(reference.to(torch.bfloat16), tokens)
     cuda = load_model(model_dir, dtype=torch.bfloat16, device="cuda")

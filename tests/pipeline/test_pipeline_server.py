@@ -14,11 +14,13 @@ from openai import AsyncOpenAI, OpenAI
 
 from krasis.common.shm import cleanup_stale
 from krasis.ctl.main import cli
+from krasis.gateway.worker_groups import PipelineConfig
 from tests.pipeline.conftest import shm_segments, worker_pids
 from tests.server.conftest import metric
 
 PROMPTS = ["def add(a, b):\n    return a + b", "The capital of France is"]
 MAX_TOKENS = 12
+HEARTBEAT_TIMEOUT_S = PipelineConfig.heartbeat_timeout_s  # serve's default
 
 
 def generate_cli(model_dir, prompt: str, max_tokens: int) -> dict:
@@ -114,13 +116,41 @@ def test_killing_a_worker_mid_stream_errors_then_the_restarted_worker_serves(ser
     assert time.monotonic() - killed_at < 2.0
     assert "died" in str(failure.value)
     assert health_status(server) == 503
-    deadline = time.monotonic() + 60
-    while health_status(server) != 200:
-        assert time.monotonic() < deadline, server.log()
-        time.sleep(0.2)
+    wait_until_healthy(server)
     assert worker_pids(server)[title] != victim
     assert complete_ids(client, PROMPTS[1]) == expected[PROMPTS[1]]["token_ids"]
     wait_until_no_kv_pages_in_use(server)  # the failed stream's pages came back once both workers confirmed
+
+
+# The decode leader stops mid-step; a stopped follower leaves the leader waiting for its partial sums.
+@pytest.mark.parametrize("cpu_workers,title", [(1, "krasis::cpu-decode-0"), (2, "krasis::cpu-decode-1")])
+def test_a_stopped_worker_is_found_hung_its_stream_errors_and_it_is_restarted(servers, expected, cpu_workers, title):
+    server = servers(cpu_workers)
+    client = openai_client(server)
+    victim = worker_pids(server)[title]
+    stream = client.completions.create(model=model_name(client), prompt=PROMPTS[0], max_tokens=230, temperature=0,
+                                       stream=True, extra_body={"ignore_eos": True})  # fmt: skip
+    chunks = iter(stream)
+    next(chunks)
+    os.kill(victim, signal.SIGSTOP)  # alive to the supervisor, silent to the heartbeat monitor
+    stopped_at = time.monotonic()
+    with pytest.raises(Exception) as failure:
+        for _ in chunks:
+            pass
+    assert time.monotonic() - stopped_at < HEARTBEAT_TIMEOUT_S + 2.0
+    assert "hung" in str(failure.value) and "heartbeat" in str(failure.value)
+    assert health_status(server) == 503
+    wait_until_healthy(server)
+    assert worker_pids(server)[title] != victim and not os.path.exists(f"/proc/{victim}")
+    assert complete_ids(client, PROMPTS[1]) == expected[PROMPTS[1]]["token_ids"]
+    wait_until_no_kv_pages_in_use(server)
+
+
+def wait_until_healthy(server, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while health_status(server) != 200:
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.2)
 
 
 def test_client_disconnect_frees_kv_pages(servers):

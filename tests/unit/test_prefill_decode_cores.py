@@ -119,7 +119,7 @@ def test_staged_prefill_writes_the_same_pool_kv_as_direct_prefill(models):
             pipeline.events += pipeline.prefill.step()[0]
     for direct_layer, staged_layer in zip(direct.kv.layers, staged.kv.layers):
         assert torch.equal(direct_layer, staged_layer)
-    assert staged.prefill.staging_allocator.num_free == 6, "finished prefills must release their staging pages"
+    assert staged.prefill.staging.pages.num_free == 6, "finished prefills must release their staging pages"
 
 
 def test_hand_off_kv_layers_decode_on_a_separate_cache(models):

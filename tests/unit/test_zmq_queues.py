@@ -11,7 +11,7 @@ import pytest
 import torch
 import zmq
 
-from krasis.common.protocol_pipeline import AbortRequest, HandOff, Heartbeat, Shutdown, WorkerReady, WorkerRole
+from krasis.common.protocol_pipeline import AbortRequest, HandOff, Heartbeat, Shutdown, WorkerRole
 from krasis.common.sampling_params import SamplingParams
 from krasis.common.zmq_queues import (
     AsyncPullQueue,
@@ -98,7 +98,7 @@ def test_pub_sub_reaches_every_subscriber(tmp_path):
         for sub in (sub0, sub1):  # subscriptions propagate asynchronously: probe until each one hears
             deadline = time.monotonic() + TIMEOUT
             while sub.get(0.01) is None and time.monotonic() < deadline:
-                pub.put(Heartbeat(WorkerRole.GPU_PREFILL, 0, 0, 0))
+                pub.put(Heartbeat(WorkerRole.GPU_PREFILL, 0, 0, 0, 0.0))
         pub.put(kv_handoff("broadcast"))
         for sub in (sub0, sub1):
             msg = sub.get(TIMEOUT)
@@ -127,9 +127,9 @@ def test_async_queues_work_in_an_event_loop(tmp_path):
 
 
 def report_ready(endpoint: str) -> None:
-    """Child process: a worker telling its supervisor it is ready, then handing off a bf16 tensor."""
+    """Child process: a worker's heartbeat to the gateway, then a hand-off of a bf16 tensor."""
     push = PushQueue(endpoint, bind=False)
-    push.put(WorkerReady(WorkerRole.CPU_DECODE, 1, os.getpid(), 2, [0, 1], 128, "cpu"))
+    push.put(Heartbeat(WorkerRole.CPU_DECODE, 1, os.getpid(), 2, 0.5))
     push.put(kv_handoff("from-child"))
     push.put(Shutdown())
     push.close(linger_s=TIMEOUT)  # last words: let them reach the parent before exiting
@@ -145,7 +145,7 @@ def test_a_worker_in_another_process_reports_over_ipc(tmp_path):
         finally:
             child.join(60.0)
     assert child.exitcode == 0
-    assert isinstance(ready, WorkerReady) and ready.pid == child.pid and ready.cpus == [0, 1]
+    assert isinstance(ready, Heartbeat) and ready.pid == child.pid and ready.busy_s == 0.5
     assert torch.equal(handoff.kv_layers[0], kv_handoff().kv_layers[0]) and shutdown == Shutdown()
 
 

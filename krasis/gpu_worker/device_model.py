@@ -1,0 +1,164 @@
+"""The prefill model on the device: a copy of every weight except the routed experts, which stay in host
+memory (the memory-mapped cache, or the CPU model's parameters) and reach the device through
+`StreamedExperts`, resident or streamed. Generic over `model.model.layers`: any module of type
+StackedExperts is replaced, whatever the architecture."""
+
+import torch
+from torch import nn
+
+from krasis.common.kernels.gpu.moe import dequant_scratch_bytes, moe_experts
+from krasis.common.layers.moe import StackedExperts
+from krasis.common.quant.formats import QuantizedWeight, dequantize
+from krasis.common.quant.modules import QuantLinear
+from krasis.gpu_worker.vram_plan import BUFFER_ALIGN, ActivationShape, LayerWeights, ModelWeights
+
+
+class StreamedExperts(nn.Module):
+    """A layer's routed experts on the device: `host_tensors` are the bytes to copy (q4/q8 values and scales,
+    or the float stacks); `bind` points the layer at device copies of them, in the same order."""
+
+    def __init__(self, layer_index: int, host: StackedExperts):
+        super().__init__()
+        self.layer_index, self.num_experts, self.hidden_act = layer_index, host.num_experts, host.hidden_act
+        if host.quantized:
+            gate_up, down = host.quantized["gate_up_proj"], host.quantized["down_proj"]
+            self.quant = ((gate_up.spec, gate_up.shape), (down.spec, down.shape))
+            tensors = [gate_up.qweight, gate_up.scales, down.qweight, down.scales]
+        else:
+            self.quant = None
+            tensors = [host.gate_up_proj.detach(), host.down_proj.detach()]
+        self.host_tensors = [t.contiguous() for t in tensors]
+        self.device_weights = None  # (gate_up, down) while bound
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.host_tensors)
+
+    @property
+    def gate_up_shape(self) -> tuple[int, ...]:
+        return self.quant[0][1] if self.quant else tuple(self.host_tensors[0].shape)
+
+    def bind(self, tensors: list[torch.Tensor] | None) -> None:
+        if tensors is None:
+            self.device_weights = None
+        elif self.quant:
+            (spec_gu, shape_gu), (spec_d, shape_d) = self.quant
+            self.device_weights = (QuantizedWeight(spec_gu, shape_gu, *tensors[:2]), QuantizedWeight(spec_d, shape_d, *tensors[2:]))
+        else:
+            self.device_weights = tuple(tensors)
+
+    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        # x: [T, H]; topk_*: [T, k] -> [T, H]
+        if self.device_weights is None:
+            raise RuntimeError(f"layer {self.layer_index}: routed experts are neither resident nor streamed in")
+        return moe_experts(x, *self.device_weights, topk_ids, topk_weights, self.hidden_act)
+
+
+def buffer_views(buffer: torch.Tensor, tensors: list[torch.Tensor], offset: int = 0) -> tuple[list[torch.Tensor], int]:
+    """Views of a uint8 buffer shaped like `tensors`, each at a BUFFER_ALIGN boundary from `offset`; (views, end)."""
+    views = []
+    for t in tensors:
+        views.append(buffer[offset : offset + t.nbytes].view(t.dtype).view(t.shape))
+        offset += -(-t.nbytes // BUFFER_ALIGN) * BUFFER_ALIGN
+    return views, offset
+
+
+def _experts_modules(model) -> dict[str, StackedExperts]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, StackedExperts)}
+
+
+def _layer_of(name: str) -> int:
+    return int(name.split("model.layers.", 1)[1].split(".", 1)[0])
+
+
+def build_device_model(model, device, host_embedding: bool = False) -> tuple[nn.Module, dict[int, StreamedExperts]]:
+    """(device copy of `model` without its routed experts, {layer index: its StreamedExperts}); `model` is untouched.
+    With `host_embedding` the copy shares `model`'s input embedding module, on the host."""
+    with torch.device("meta"):
+        clone = type(model)(model.config)
+    if host_embedding:
+        clone.model.embed_tokens = model.model.embed_tokens
+    experts = {}
+    for name, host in _experts_modules(model).items():
+        parent, _, child = name.rpartition(".")
+        experts[_layer_of(name)] = StreamedExperts(_layer_of(name), host)
+        setattr(clone.get_submodule(parent), child, experts[_layer_of(name)])
+    copied: dict[int, torch.Tensor] = {}  # id of a host tensor -> its device copy (keeps tied weights tied)
+
+    def to_device(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in copied:
+            copied[id(t)] = t.detach().to(device)
+        return copied[id(t)]
+
+    skip = tuple(f"{name}." for name in _experts_modules(model))
+    for name, module in model.named_modules():
+        if isinstance(module, StackedExperts) or name.startswith(skip) or module is clone.model.embed_tokens:
+            continue
+        target = clone.get_submodule(name)
+        if isinstance(module, QuantLinear):
+            qw = module.weight_q
+            dtype = model.model.embed_tokens.weight.dtype
+            weight = dequantize(QuantizedWeight(qw.spec, qw.shape, to_device(qw.qweight), to_device(qw.scales)), dtype)
+            target.weight = nn.Parameter(weight, requires_grad=False)
+        for pname, param in module.named_parameters(recurse=False):
+            setattr(target, pname, nn.Parameter(to_device(param), requires_grad=False))
+        for bname, buf in module.named_buffers(recurse=False):
+            setattr(target, bname, to_device(buf))
+    left = [n for n, t in [*clone.named_parameters(), *clone.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"device model: no weights copied for {left[:5]}")
+    return clone.eval().requires_grad_(False), experts
+
+
+def _device_bytes(module: nn.Module, dtype: torch.dtype, skip_ids: set[int], counted: set[int]) -> int:
+    """Bytes `module`'s own tensors take on the device (QuantLinear dequantized to `dtype`); each tensor once."""
+    total = 0
+    for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+        if id(t) not in skip_ids and id(t) not in counted:
+            counted.add(id(t))
+            total += t.nbytes
+    if isinstance(module, QuantLinear):
+        total += module.weight_q.shape[0] * module.weight_q.shape[1] * dtype.itemsize
+    return total
+
+
+def measure_weights(model) -> ModelWeights:
+    """Byte counts for the planner: per layer resident and routed-expert bytes, and the rest of the model."""
+    dtype = model.model.embed_tokens.weight.dtype
+    experts = _experts_modules(model)
+    expert_ids = {id(t) for m in experts.values() for t in [*m.parameters(), *m.buffers()]}
+    counted: set[int] = set()
+    layers = []
+    for i, layer in enumerate(model.model.layers):
+        resident = sum(_device_bytes(m, dtype, expert_ids, counted) for m in layer.modules() if not isinstance(m, StackedExperts))
+        routed = sum(StreamedExperts(i, m).nbytes for m in layer.modules() if isinstance(m, StackedExperts))
+        layers.append(LayerWeights(i, resident, routed))
+    other = sum(_device_bytes(m, dtype, expert_ids, counted) for m in model.modules())  # what no layer counted
+    embedding = model.model.embed_tokens.weight
+    untied = embedding is not getattr(model.lm_head, "weight", None)
+    return ModelWeights(other, tuple(layers), embedding.nbytes if untied else 0)
+
+
+def activation_shape(model, kv_dtype_bytes: int | None = None) -> ActivationShape:
+    """The planner's view of prefill activations, from the model's config (DeepSeek MLA, GQA, linear attention)."""
+    cfg, dtype = model.config, model.model.embed_tokens.weight.dtype
+    d, heads = dtype.itemsize, cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    qk_dim = getattr(cfg, "qk_nope_head_dim", 0) + getattr(cfg, "qk_rope_head_dim", 0) or head_dim
+    v_dim = getattr(cfg, "v_head_dim", None) or head_dim
+    kv_width = max(model.kv_widths)
+    # per context token: the cached row read back, K and V expanded to every head; MLA also up-projects the latent
+    # (kv_b_proj: nope + v per head) before K is assembled
+    expanded = heads * (qk_dim + v_dim) * d + (heads * (qk_dim - getattr(cfg, "qk_rope_head_dim", 0) + v_dim) * d
+                                               if getattr(cfg, "kv_lora_rank", None) else 0)  # fmt: skip
+    experts = list(_experts_modules(model).values())
+    scratch = 0
+    if experts and experts[0].quantized:
+        scratch = dequant_scratch_bytes(experts[0].quantized["gate_up_proj"].shape, d)
+    return ActivationShape(
+        hidden_size=cfg.hidden_size, top_k=getattr(cfg, "num_experts_per_tok", 0) if experts else 0,
+        expert_width=experts[0].intermediate_size if experts else getattr(cfg, "intermediate_size", cfg.hidden_size),
+        num_heads=heads, attn_bytes_per_context_token=kv_width * d + expanded,
+        layer_kv_bytes_per_token=kv_width * (kv_dtype_bytes or d), dtype_bytes=d, dequant_block_bytes=scratch,
+        state_bytes_per_seq=4 * sum(model.state_widths),
+    )  # fmt: skip

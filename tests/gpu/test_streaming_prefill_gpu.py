@@ -1,0 +1,121 @@
+"""GPU prefill through a VRAM budget: streamed equals resident, GPU equals CPU, the budget holds, kernels are exact."""
+
+import pytest
+import torch
+
+from krasis.common.kernels.gpu.dequant import dequantize_into, triton_available
+from krasis.common.kernels.gpu.moe import grouped_experts, reference_experts
+from krasis.common.kv_cache import KVCache
+from krasis.common.protocol_pipeline import AddRequest
+from krasis.common.quant.formats import QuantSpec, dequantize, quantize
+from krasis.common.sampling import SamplingParams
+from krasis.gpu_worker import kv_handoff
+from krasis.gpu_worker.core import GpuPrefillCore
+from krasis.gpu_worker.prefill_runner import build_prefill_runner, cpu_prefill
+from krasis.bench.presets import DEEPSEEK_V2_LITE
+from krasis.bench.random_model import TINY_DEEPSEEK_V2, random_model
+from krasis.gpu_worker.vram_plan import GiB
+from tests.unit.test_streaming_prefill import streaming_plan
+
+pytestmark = pytest.mark.gpu
+CONFIG = dict(TINY_DEEPSEEK_V2, num_hidden_layers=6)
+PROMPT = [int(t) for t in torch.randint(0, 256, (300,), generator=torch.Generator().manual_seed(2))]
+
+
+@pytest.mark.parametrize("quant", [None, "q4", "q8:g32"])
+def test_gpu_prefill_logits_match_the_cpu_within_bf16(quant):
+    model = random_model(CONFIG, torch.bfloat16, quant)
+    runner = build_prefill_runner(model, "cuda", chunk_tokens=128, step_tokens=512)
+    gpu = runner.model.compute_logits(runner.prefill_prompt(PROMPT)).cpu()
+    cpu = model.compute_logits(cpu_prefill(model, PROMPT))
+    err = ((gpu - cpu).norm(dim=-1) / cpu.norm(dim=-1)).median().item()
+    assert err < 3e-2, f"median relative logit error {err:.3e}"
+    assert (gpu.argmax(-1) == cpu.argmax(-1)).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("quant", [None, "q4"])
+def test_streamed_logits_equal_resident(quant):
+    model = random_model(CONFIG, torch.bfloat16, quant)
+    resident = build_prefill_runner(model, "cuda", chunk_tokens=128, step_tokens=512)
+    plan = streaming_plan(model, 128, step_tokens=512)  # the resident runner's chunks: the same GEMM shapes
+    streamed = build_prefill_runner(model, "cuda", plan=plan)
+    assert streamed.plan.streams and not resident.plan.streams
+    assert torch.equal(streamed.prefill_prompt(PROMPT), resident.prefill_prompt(PROMPT))
+    streamed.close()
+
+
+def test_plan_never_exceeds_the_budget():
+    """V2-Lite shape cut to 8 layers (2.2 GB of q4 experts), a 2.9 GiB budget: experts stream, peak reserved
+    stays inside."""
+    model = random_model(dict(DEEPSEEK_V2_LITE, num_hidden_layers=8), torch.bfloat16, "q4")
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_reserved()
+    budget = 2.9
+    runner = build_prefill_runner(model, "cuda", vram_budget_gib=budget, chunk_tokens=2048, step_tokens=4096)
+    assert runner.plan.streams, runner.plan.describe()
+    prompt = torch.randint(0, 102400, (4096,)).tolist()
+    runner.prefill_prompt(prompt)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_reserved() - base
+    assert peak <= budget * GiB, f"peak reserved {peak / GiB:.2f} GiB over the {budget} GiB budget\n{runner.plan.describe()}"
+    assert torch.cuda.max_memory_allocated() - base <= runner.plan.total_bytes
+    runner.close()
+
+
+@pytest.mark.parametrize("spec", ["q4:g32", "q8:g128", "q4:channel"])
+def test_dequant_kernel_equals_dequantize(spec):
+    weight = torch.randn(6, 384, 256)
+    qw = quantize(weight, QuantSpec.parse(spec))
+    on_gpu = type(qw)(qw.spec, qw.shape, qw.qweight.cuda(), qw.scales.cuda())
+    out = dequantize_into(on_gpu, torch.empty(qw.shape, dtype=torch.bfloat16, device="cuda"))
+    assert triton_available()
+    assert torch.equal(out.cpu(), dequantize(qw, torch.bfloat16))
+
+
+@pytest.mark.parametrize("quant", [None, "q4"])
+def test_grouped_expert_gemms_equal_dequantize_then_matmul(quant):
+    gen = torch.Generator().manual_seed(0)
+    experts, hidden, inter, tokens, k = 16, 256, 128, 1000, 4
+    gate_up = torch.randn(experts, 2 * inter, hidden, generator=gen) / 16
+    down = torch.randn(experts, hidden, inter, generator=gen) / 11
+    x = torch.randn(tokens, hidden, generator=gen).bfloat16()
+    ids = torch.stack([torch.randperm(experts, generator=gen)[:k] for _ in range(tokens)])
+    weights = torch.rand(tokens, k, generator=gen)
+    if quant:
+        gate_up, down = quantize(gate_up, QuantSpec.parse(quant)), quantize(down, QuantSpec.parse(quant))
+        dev = [type(w)(w.spec, w.shape, w.qweight.cuda(), w.scales.cuda()) for w in (gate_up, down)]
+        ref_w = [dequantize(w, torch.bfloat16) for w in (gate_up, down)]
+    else:
+        ref_w = [gate_up.bfloat16(), down.bfloat16()]
+        dev = [w.cuda() for w in ref_w]
+    expected = reference_experts(x.cuda(), *[w.cuda() for w in ref_w], ids.cuda(), weights.cuda())
+    got = grouped_experts(x.cuda(), *dev, ids.cuda(), weights.cuda())
+    torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("fragmented", [False, True], ids=["direct-runs", "gathered"])
+def test_streamed_core_hands_the_pool_the_kv_of_the_resident_core(fragmented, monkeypatch):
+    """Per-layer KV staging on the GPU, copies into a registered host pool overlapping the next layers: the pool
+    ends up bit-identical to an all-resident run's (buffers reused only after their copies finished)."""
+    if fragmented:
+        monkeypatch.setattr(kv_handoff, "MAX_DIRECT_RUNS", 1)
+    model = random_model(CONFIG, torch.bfloat16, "q4")
+    runners = [build_prefill_runner(model, "cuda", chunk_tokens=128, step_tokens=512),
+               build_prefill_runner(model, "cuda", plan=streaming_plan(model, 128, step_tokens=512))]  # fmt: skip
+    assert runners[1].plan.streams and runners[1].plan.chunk_tokens == 128
+    pools = []
+    for runner in runners:
+        pool = KVCache.allocate(model.kv_widths, 40, 16, torch.bfloat16, "cpu")
+        core = GpuPrefillCore(runner.model, pool, frozenset(), model.config.vocab_size, 512, runner=runner)
+        params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+        core.add(AddRequest("a", PROMPT, params, list(range(20))))
+        core.add(AddRequest("b", PROMPT[:100], params, [39, 30, 31, 25, 26, 27, 28]))
+        while core.has_work:
+            core.step()
+        core.close()
+        runner.close()
+        pools.append(pool)
+    assert pools[0].layers[1].count_nonzero() > 0
+    for resident, streamed in zip(*[p.layers for p in pools]):
+        assert torch.equal(streamed, resident)

@@ -1,0 +1,117 @@
+"""The VRAM planner and the prefill cost model: pure arithmetic, no GPU."""
+
+import dataclasses
+import math
+
+import pytest
+
+from krasis.gpu_worker.prefill_cost import PrefillRates, cpu_prefill_seconds, crossover_tokens, gpu_prefill_seconds, prefers_cpu
+from krasis.gpu_worker.vram_plan import ActivationShape, LayerWeights, ModelWeights, VramBudgetError, plan_vram
+
+MiB = 1 << 20
+SHAPE = ActivationShape(hidden_size=2048, top_k=6, expert_width=1408, num_heads=16, attn_bytes_per_context_token=20480,
+                        layer_kv_bytes_per_token=576 * 2, dequant_block_bytes=256 * MiB)  # fmt: skip
+
+
+def weights(layers=8, expert=300 * MiB, resident=30 * MiB, other=800 * MiB) -> ModelWeights:
+    dense = LayerWeights(0, 130 * MiB, 0)
+    return ModelWeights(other, (dense, *(LayerWeights(i, resident, expert) for i in range(1, layers))))
+
+
+def plan(budget_mib, **kw):
+    return plan_vram(weights(), SHAPE, budget_mib * MiB, chunk_tokens=4096, step_tokens=8192, slack_bytes=0, **kw)
+
+
+def test_everything_resident_when_it_fits():
+    p = plan(100_000)
+    assert not p.streams and p.num_buffers == 0 and p.streamed_bytes == 0
+    assert p.resident_expert_layers == tuple(range(1, 8))
+    assert "nothing streams" in p.describe()
+
+
+@pytest.mark.parametrize("budget_mib", [3100, 3400, 3700, 4000, 4400])
+def test_plan_never_exceeds_budget_and_streams_the_rest(budget_mib):
+    p = plan(budget_mib)
+    assert p.streams
+    assert p.total_bytes <= budget_mib * MiB
+    streamed = [i for g in p.groups for i in g]
+    assert sorted(streamed + list(p.resident_expert_layers)) == list(range(1, 8))
+    assert p.streamed_bytes == len(streamed) * 300 * MiB
+    if streamed:  # earliest layers resident, the streamed ones after them
+        assert min(streamed) > max(p.resident_expert_layers, default=0)
+        assert p.num_buffers == min(2, len(p.groups)) and p.buffer_bytes >= 300 * MiB
+
+
+def test_more_budget_never_streams_more():
+    streamed = [plan(b).streamed_bytes for b in range(3400, 5200, 100)]
+    assert streamed == sorted(streamed, reverse=True)
+
+
+def test_groups_of_several_layers():
+    p = plan(4300, group_layers=3)
+    assert p.streams and all(len(g) <= 3 for g in p.groups) and p.buffer_bytes >= 3 * 300 * MiB
+
+
+def test_too_small_budget_is_a_clear_error():
+    with pytest.raises(VramBudgetError, match="too small.*raise --vram-budget"):
+        plan(2000)
+
+
+def test_a_tight_budget_halves_the_chunk_before_giving_up():
+    p = plan(2700)
+    assert p.streams and p.chunk_tokens < 4096 and p.total_bytes <= 2700 * MiB
+    assert plan(4000).chunk_tokens == 4096  # the asked chunk whenever any plan fits with it
+
+
+def test_the_input_embedding_leaves_the_device_before_the_chunk_shrinks():
+    untied = ModelWeights(1200 * MiB, weights().layers, embedding_bytes=400 * MiB)
+    fits = plan_vram(untied, SHAPE, 3600 * MiB, 4096, 8192, slack_bytes=0)
+    assert not fits.host_embedding
+    tight = plan_vram(untied, SHAPE, 3300 * MiB, 4096, 8192, slack_bytes=0)
+    assert tight.host_embedding and tight.chunk_tokens == 4096 and tight.total_bytes <= 3300 * MiB
+    assert "input embedding on the host" in tight.describe()
+
+
+def test_state_rows_are_planned_for_models_with_state():
+    stateful = dataclasses.replace(SHAPE, state_bytes_per_seq=80 * MiB)
+    base = plan_vram(weights(), SHAPE, 1 << 40, 4096, 8192, slack_bytes=0, state_slots=4)
+    with_state = plan_vram(weights(), stateful, 1 << 40, 4096, 8192, slack_bytes=0, state_slots=4)
+    assert base.state_slots == 0 and with_state.state_slots == 4
+    assert with_state.activation_bytes - base.activation_bytes == 4 * 80 * MiB
+
+
+def test_kv_staging_is_one_layer_not_the_whole_model():
+    """A 32K-token step stages two layers' KV (and a gather block), whatever the depth of the model."""
+    step = SHAPE.step_bytes(32768, 2048, 0)
+    assert step < 32768 * (2048 * 2 + 4 * 576 * 2) + (16 << 20)
+
+
+def test_activations_grow_with_chunk_and_step():
+    small = plan_vram(weights(), SHAPE, 1 << 40, 1024, 2048, slack_bytes=0).activation_bytes
+    large = plan_vram(weights(), SHAPE, 1 << 40, 8192, 32768, slack_bytes=0).activation_bytes
+    assert large > 4 * small
+
+
+RATES = PrefillRates(link_bytes_per_s=50e9, gpu_tokens_per_s=40_000, cpu_tokens_per_s=400)
+
+
+def test_short_prompts_go_to_the_cpu_long_ones_to_the_gpu():
+    streamed = 8 * 10**9  # 0.16 s over the link
+    threshold = crossover_tokens(streamed, RATES)
+    assert threshold == pytest.approx(0.16 * 400, abs=1)
+    assert prefers_cpu(threshold - 1, streamed, RATES) and not prefers_cpu(threshold, streamed, RATES)
+    assert gpu_prefill_seconds(threshold, streamed, RATES) <= cpu_prefill_seconds(threshold, RATES)
+
+
+def test_threshold_follows_the_measured_rates():
+    fast_link = PrefillRates(200e9, 40_000, 400)
+    fast_cpu = PrefillRates(50e9, 40_000, 2000)
+    base = crossover_tokens(8e9, RATES)
+    assert crossover_tokens(8e9, fast_link) < base < crossover_tokens(8e9, fast_cpu)
+    assert crossover_tokens(0, RATES) == 1  # nothing streams: the GPU always wins
+    assert crossover_tokens(8e9, PrefillRates(50e9, 400, 500)) == math.inf
+
+
+def test_rates_must_be_positive():
+    with pytest.raises(ValueError, match="cpu_tokens_per_s"):
+        PrefillRates(1e9, 1.0, 0.0)
