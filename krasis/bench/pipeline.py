@@ -36,7 +36,9 @@ class BenchPipeline:
                  dtype: torch.dtype):  # fmt: skip
         self.tokenizer, self.vocab_size = tokenizer, decode_model.config.vocab_size
         pages = -(-max_tokens // PAGE_SIZE)
-        self.pool = SharedKVPool.create(KV_POOL_PREFIX, decode_model.kv_widths, pages, PAGE_SIZE, dtype)
+        self.pool = SharedKVPool.create(KV_POOL_PREFIX, decode_model.kv_widths, pages, PAGE_SIZE, dtype,
+                                        state_widths=decode_model.state_widths, num_state_slots=1)  # fmt: skip
+        self.state_slot = 0 if any(decode_model.state_widths) else None  # one request at a time
         kv = shared_kv_cache(self.pool)
         self.allocator = PageAllocator(pages)
         self.prefill = GpuPrefillCore(prefill.model, kv, frozenset(), self.vocab_size, chunk_tokens,
@@ -59,7 +61,7 @@ class BenchPipeline:
             raise ValueError(f"the prompt text gave {len(ids)} tokens, not {prompt_tokens}")
         pages = self.allocator.allocate(-(-(prompt_tokens + params.max_tokens) // PAGE_SIZE))
         try:
-            hand_off = self._prefill(AddRequest(f"bench-{prompt_tokens}", ids, params, pages))
+            hand_off = self._prefill(AddRequest(f"bench-{prompt_tokens}", ids, params, pages, self.state_slot))
             ttft_s = time.perf_counter() - start
             decode_s = self._decode(hand_off, decode_tokens)
         finally:

@@ -47,6 +47,7 @@ class AddRequest:
     """Prefill a prompt into the KV pages the gateway reserved (prompt + max_tokens), then hand it to decode.
 
     `sampling.seed` is resolved by the gateway (never None) so prefill and decode draw from the same stream.
+    `state_slot`: the sequence's row of the pool's per-sequence state (models with linear-attention layers), else None.
     """
 
     TAG: ClassVar[MessageType] = MessageType.ADD_REQUEST
@@ -54,6 +55,7 @@ class AddRequest:
     prompt_ids: list[int]
     sampling: SamplingParams
     page_table: list[int]
+    state_slot: int | None = None
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,8 @@ class HandOff:
     token_ids = prompt + the first sampled token (already streamed to the gateway by the prefill worker),
     which with `sampling` (seed resolved) is all a `SequenceSampler` needs to continue the same stream.
     kv_layers: per attention layer [len(token_ids) - 1, width], only for a decode pool on another host
-    (no shared KV pool there); empty on one host.
+    (no shared KV pool there); empty on one host. state_slot: as in AddRequest; the state after the prompt is
+    in that row of the pool.
     """
 
     TAG: ClassVar[MessageType] = MessageType.HAND_OFF
@@ -84,6 +87,7 @@ class HandOff:
     page_table: list[int]
     sampling: SamplingParams
     kv_layers: list[torch.Tensor]
+    state_slot: int | None = None
 
 
 # --- GPU prefill worker and CPU decode pool -> gateway ---

@@ -28,6 +28,7 @@ class CpuDecodeCore:
     def __init__(self, model, kv: KVCache, eos_token_ids: frozenset[int], vocab_size: int, max_context: int):
         self.model, self.kv, self.eos_token_ids, self.vocab_size = model, kv, eos_token_ids, vocab_size
         self.max_context = max_context
+        self.has_state = any(model.state_widths)
         self.device = next(model.parameters()).device
         self.running: list[Sequence] = []
 
@@ -77,9 +78,12 @@ class CpuDecodeCore:
             raise ValueError(f"request {h.request_id!r} is already decoding")
         # KV is written up to the token before the last one the sequence may ever hold
         check_page_table(h.page_table, reserved_tokens(len(prompt), h.sampling, self.max_context) - 1, self.kv)
+        if self.has_state and not (h.state_slot is not None and 0 <= h.state_slot < self.kv.num_state_slots):
+            raise ValueError(f"hand-off {h.request_id!r} needs a state slot in 0..{self.kv.num_state_slots - 1}, "
+                             f"got {h.state_slot}")  # fmt: skip
         sampler = SequenceSampler(h.sampling, prompt, self.vocab_size, output)
         return Sequence(h.request_id, list(h.token_ids), len(prompt), h.sampling, sampler, list(h.page_table),
-                        num_cached=len(h.token_ids) - 1)  # fmt: skip
+                        num_cached=len(h.token_ids) - 1, state_slot=h.state_slot)  # fmt: skip
 
     def _write_kv(self, seq: Sequence, kv_layers: list[torch.Tensor]) -> None:
         """KV that came with the hand-off (a decode pool without the shared pool): kv_layers[l]: [n - 1, width]."""

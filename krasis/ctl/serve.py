@@ -83,6 +83,7 @@ def _pipeline(weights: WeightOptions, cpu_workers, gpu, max_context, max_concurr
     cfg = model.config
     config = PipelineConfig(
         weights=weights, gpu=gpu, placements=tuple(placements), kv_widths=tuple(model.kv_widths),
+        state_widths=tuple(model.state_widths),
         kv_dtype=str(resolve_dtype(weights.dtype)).removeprefix("torch."), hidden_size=cfg.hidden_size,
         top_k=cfg.num_experts_per_tok, max_context=max_context, max_batch_tokens=min(max_context, 2048),
         kv_pages=max_concurrency * -(-max_context // KV_PAGE_SIZE), page_size=KV_PAGE_SIZE,

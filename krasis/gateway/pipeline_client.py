@@ -40,6 +40,7 @@ class _Request:
     params: SamplingParams
     stream: asyncio.Queue = field(default_factory=asyncio.Queue)
     pages: list[int] | None = None  # None until sent to prefill
+    state_slot: int | None = None  # its row of the pool's per-sequence state, while it holds pages (state models)
     next_index: int = 0
     early: dict[int, TokenOut] = field(default_factory=dict)  # tokens that overtook an earlier one
     aborted: bool = False
@@ -53,6 +54,8 @@ class PipelineEngineClient(EngineClient):
         super().__init__(max_running, max_waiting)
         self.config = config
         self.allocator = PageAllocator(config.kv_pages)
+        # one state row per dispatched request: at most max_running hold pages at once
+        self.state_slots = PageAllocator(max_running) if config.has_state else None
         self._requests: dict[str, _Request] = {}
         self._waiting: deque[_Request] = deque()
         self._dispatched = 0
@@ -145,8 +148,11 @@ class PipelineEngineClient(EngineClient):
                 return
             self._waiting.popleft()
             request.pages = self.allocator.allocate(pages)
+            if self.state_slots is not None:
+                request.state_slot = self.state_slots.allocate(1)[0]
             self._dispatched += 1
-            self._send(PREFILL, AddRequest(request.request_id, request.prompt_ids, request.params, request.pages))
+            add = AddRequest(request.request_id, request.prompt_ids, request.params, request.pages, request.state_slot)
+            self._send(PREFILL, add)
 
     def _pages_needed(self, request: _Request) -> int:
         tokens = min(len(request.prompt_ids) + request.params.max_tokens, self.config.max_context)
@@ -157,6 +163,9 @@ class PipelineEngineClient(EngineClient):
         if request.pages is not None:
             self.allocator.free(request.pages)
             request.pages = None
+            if request.state_slot is not None:
+                self.state_slots.free([request.state_slot])
+                request.state_slot = None
             self._dispatched -= 1
         self._dispatch_waiting()
 

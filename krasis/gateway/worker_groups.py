@@ -51,6 +51,11 @@ class PipelineConfig:
     ready_timeout_s: float = 300.0
     heartbeat_timeout_s: float = 10.0  # silent this long (stopped, frozen): hung; workers beat every second
     stall_timeout_s: float = 600.0  # in one loop step this long: hung (a long prompt's prefill step takes minutes)
+    state_widths: tuple[int, ...] = ()  # per-sequence state per layer (linear attention); () or zeros: none
+
+    @property
+    def has_state(self) -> bool:
+        return any(self.state_widths)
 
 
 class WorkerGroups:
@@ -74,7 +79,10 @@ class WorkerGroups:
         for prefix in (KV_POOL_PREFIX, EXCHANGE_PREFIX):  # left by a gateway that was SIGKILLed
             for name in cleanup_stale(prefix):
                 log.warning("removed stale shared memory /dev/shm/%s", name)
-        self.pool = SharedKVPool.create(KV_POOL_PREFIX, c.kv_widths, c.kv_pages, c.page_size, c.kv_dtype)
+        self.pool = SharedKVPool.create(
+            KV_POOL_PREFIX, c.kv_widths, c.kv_pages, c.page_size, c.kv_dtype,
+            state_widths=c.state_widths, num_state_slots=self.max_running if c.has_state else 0,
+        )  # fmt: skip
         self.prefill_tokens = AsyncPullQueue(self.endpoints["tok-prefill"], bind=True)
         self.decode_tokens = AsyncPullQueue(self.endpoints["tok-decode"], bind=True)
         self.prefill_requests = AsyncPushQueue(self.endpoints["prefill"], bind=False)

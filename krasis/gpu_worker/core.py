@@ -73,8 +73,7 @@ class GpuPrefillCore:
         prompt = list(request.prompt_ids)
         check_prompt(prompt, self.vocab_size, self.max_context)
         check_page_table(request.page_table, len(prompt), self.kv)
-        state_slot = getattr(request, "state_slot", None)  # until protocol_pipeline's AddRequest carries it
-        self._check_state_slot(state_slot)
+        self._check_state_slot(request.state_slot)
         if any(s.request_id == request.request_id for s in self.waiting + self.running):
             raise ValueError(f"request {request.request_id!r} is already prefilling")
         if self.runner is not None and len(prompt) > self.step_tokens:
@@ -86,7 +85,8 @@ class GpuPrefillCore:
         if params.seed is None:  # decode continues the same random stream only from a known seed
             params = dataclasses.replace(params, seed=secrets.randbits(63))
         sampler = SequenceSampler(params, prompt, self.vocab_size)
-        seq = Sequence(request.request_id, prompt, len(prompt), params, sampler, list(request.page_table), state_slot=state_slot)
+        seq = Sequence(request.request_id, prompt, len(prompt), params, sampler, list(request.page_table),
+                       state_slot=request.state_slot)
         self.waiting.append(seq)
 
     def _check_state_slot(self, state_slot: int | None) -> None:
@@ -175,6 +175,4 @@ class GpuPrefillCore:
 
 def _hand_off(seq: Sequence) -> HandOff:
     """Everything decode needs: KV of all but the last token is already in the shared pages (kv_layers empty)."""
-    # the state slot rides along once protocol_pipeline's HandOff has the field (the lead is adding it)
-    extra = {"state_slot": seq.state_slot} if "state_slot" in HandOff.__dataclass_fields__ else {}
-    return HandOff(seq.request_id, seq.token_ids, seq.num_prompt_tokens, seq.page_table, seq.params, [], **extra)
+    return HandOff(seq.request_id, seq.token_ids, seq.num_prompt_tokens, seq.page_table, seq.params, [], seq.state_slot)

@@ -7,6 +7,7 @@ import signal
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from click.testing import CliRunner
@@ -15,7 +16,8 @@ from openai import AsyncOpenAI, OpenAI
 from krasis.common.shm import cleanup_stale
 from krasis.ctl.main import cli
 from krasis.gateway.worker_groups import PipelineConfig
-from tests.pipeline.conftest import shm_segments, worker_pids
+from tests.models.tiny_checkpoints import build_checkpoint
+from tests.pipeline.conftest import shm_segments, start_pipeline, worker_pids
 from tests.server.conftest import metric
 
 PROMPTS = ["def add(a, b):\n    return a + b", "The capital of France is"]
@@ -67,6 +69,25 @@ def test_greedy_output_equals_generate_cli(servers, expected, cpu_workers):
     client = openai_client(servers(cpu_workers))
     for prompt in PROMPTS:
         assert complete_ids(client, prompt) == expected[prompt]["token_ids"], prompt
+
+
+@pytest.fixture(scope="module")
+def hybrid_model_dir(tmp_path_factory):
+    return build_checkpoint("qwen3_next-base", tmp_path_factory.mktemp("hybrid") / "tiny-qwen3-next")
+
+
+def test_hybrid_model_through_two_decode_workers_equals_generate_cli(hybrid_model_dir, tmp_path):
+    """Gated DeltaNet state goes prefill worker -> shared pool -> decode leader, per request in its own slot."""
+    expected = {p: generate_cli(hybrid_model_dir, p, MAX_TOKENS)["token_ids"] for p in PROMPTS}
+    server = start_pipeline(hybrid_model_dir, tmp_path, 2)
+    try:
+        client = openai_client(server)
+        prompts = PROMPTS * 3  # six at once: six state slots in use together
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            got = list(pool.map(lambda p: complete_ids(client, p), prompts))
+        assert got == [expected[p] for p in prompts]
+    finally:
+        server.stop()
 
 
 def test_worker_process_titles_are_visible_in_cmdline(servers):

@@ -45,6 +45,8 @@ EXAMPLES = [
     RequestFailed("req-2", "prompt has 9000 tokens; the context limit is 8192"),
     Heartbeat(WorkerRole.CPU_DECODE, 3, 4242, 123456789, 0.25),
     Shutdown(),
+    AddRequest("req-3", [5], SAMPLING, [0], state_slot=7),  # a model with per-sequence state
+    HandOff("req-3", [5, 6], 1, [0], SamplingParams(seed=1), [], state_slot=0),
 ]
 
 
@@ -137,7 +139,7 @@ def tampered(msg, path: tuple, value) -> list[bytes]:
 
 def tensor_body(dtype_name, shape, data):
     return msgpack.packb([int(MessageType.HAND_OFF), "r", [1], 1, [], body_of(AddRequest("r", [], SAMPLING, []))[3],
-                          [[dtype_name, shape, data]]])  # fmt: skip
+                          [[dtype_name, shape, data]], None])  # fmt: skip
 
 
 ADD = AddRequest("r", [1, 2, 3], SAMPLING, [0])
