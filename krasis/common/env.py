@@ -24,3 +24,10 @@ def profile_dir() -> Path | None:
     """$KRASIS_PROFILE_DIR: each worker process writes a cProfile of its run there (<title>-<pid>.prof) on exit."""
     override = os.environ.get("KRASIS_PROFILE_DIR")
     return Path(override).expanduser() if override else None
+
+
+def use_expandable_cuda_segments() -> None:
+    """Ask torch's CUDA allocator for expandable segments (unless PYTORCH_CUDA_ALLOC_CONF says otherwise): prefill
+    allocates blocks of many sizes chunk after chunk, and fixed segments fragmented until reserved memory
+    passed the VRAM budget that allocated memory kept. Call before the first CUDA allocation."""
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")

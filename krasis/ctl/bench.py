@@ -44,6 +44,9 @@ def token_counts(ctx, param, text: str) -> tuple[int, ...]:
 def bench(threads, json_path, **options):
     """Prefill, TTFT and decode of a preset, each next to its hardware limit and the ratio to it."""
     with user_errors():
+        from krasis.common.env import use_expandable_cuda_segments
+
+        use_expandable_cuda_segments()
         import torch  # torch stays out of `--help`
 
         from krasis.bench.report import table, to_json

@@ -38,6 +38,9 @@ class PrefillWorkerConfig:
 
 def run_prefill_worker(ctx, config: PrefillWorkerConfig) -> None:
     """Worker target (see krasis.common.process.spawn_worker): load, report ready, serve until stopped."""
+    from krasis.common.env import use_expandable_cuda_segments
+
+    use_expandable_cuda_segments()
     import torch
 
     from krasis.common.process import set_torch_threads
