@@ -65,6 +65,13 @@ class HostRegistration:
             _release(span)
         self.held = []
 
+    def __del__(self):
+        # A registration must not outlive its owner: the memory may be unmapped and another mapping take the same
+        # addresses, and a stale registration there would point DMA at the old pages.
+        if self.held:
+            torch.cuda.synchronize()  # no copy may still be using the pages
+            self.close()
+
 
 def _hold(span: tuple[int, int]) -> bool:
     """Register [start, end) unless this process already did (then count one more holder)."""
