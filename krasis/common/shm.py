@@ -7,29 +7,16 @@ it; other processes attach from a KVPoolDescriptor. Page and state-slot allocati
 owns the allocators and tells workers which pages and slot a sequence uses.
 """
 
-import atexit
 import dataclasses
-import errno
 import mmap
 import os
-import re
 import secrets
-import signal
-import threading
 from dataclasses import dataclass
-from pathlib import Path
 
-SHM_DIR = Path("/dev/shm")
+from krasis.common.shm_segments import SEGMENT_NAME, SHM_DIR, check_space, create_segment, track_owned, unlink_segment
+
 _ALIGN = 4096  # page-aligned layer regions: each can be advised or host-registered (CUDA) on its own
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1, "int8": 1, "uint8": 1}
-_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,200}")  # a plain file name: no '/', no leading '.'
-_OWNER_AND_TOKEN = re.compile(r"(\d+)-[0-9a-f]{8}")
-
-
-class SharedMemoryFull(RuntimeError):
-    """/dev/shm cannot hold the KV pool asked for."""
-
-
 @dataclass(frozen=True)
 class KVPoolDescriptor:
     """Everything another process needs to attach a pool; `as_dict()` is msgpack-able."""
@@ -90,7 +77,7 @@ def _full_layout(d: "KVPoolDescriptor") -> tuple[tuple[int, ...], tuple[int, ...
 
 
 def _check(d: KVPoolDescriptor) -> None:
-    if not _NAME.fullmatch(d.name):
+    if not SEGMENT_NAME.fullmatch(d.name):
         raise ValueError(f"bad KV pool name {d.name!r}")
     if d.dtype not in _DTYPE_BYTES:
         raise ValueError(f"KV pool dtype {d.dtype!r} is not one of {sorted(_DTYPE_BYTES)}")
@@ -130,7 +117,7 @@ class SharedKVPool:
 
         `reserve` claims the memory now (posix_fallocate), so a full /dev/shm fails here, not as SIGBUS on a write.
         """
-        if not _NAME.fullmatch(name_prefix):
+        if not SEGMENT_NAME.fullmatch(name_prefix):
             raise ValueError(f"bad KV pool name prefix {name_prefix!r}")
         dtype, widths = _dtype_name(dtype), tuple(int(w) for w in layer_widths)
         states = tuple(int(w) for w in state_widths) if any(state_widths) else ()
@@ -142,12 +129,12 @@ class SharedKVPool:
         offsets, state_offsets, size = _full_layout(draft)
         descriptor = dataclasses.replace(draft, layer_offsets=offsets, size=size, state_offsets=state_offsets)
         _check(descriptor)
-        _check_space(size)
-        _track_owned(SHM_DIR / name)
+        check_space(size)
+        track_owned(SHM_DIR / name)
         try:
-            mapping = _create_segment(SHM_DIR / name, size, reserve)
+            mapping = create_segment(SHM_DIR / name, size, reserve)
         except BaseException:
-            _owned.pop(str(SHM_DIR / name), None)
+            unlink_segment(SHM_DIR / name)
             raise
         return cls(descriptor, mapping, os.getpid())
 
@@ -205,7 +192,7 @@ class SharedKVPool:
         """Remove the segment's name (owner only); processes that have it mapped keep using it."""
         if not self.is_owner:
             raise RuntimeError(f"only the owner of KV pool {self.descriptor.name} may unlink it")
-        _unlink(SHM_DIR / self.descriptor.name)
+        unlink_segment(SHM_DIR / self.descriptor.name)
 
     def __enter__(self) -> "SharedKVPool":
         return self
@@ -235,111 +222,3 @@ def shared_kv_cache(pool: SharedKVPool):
     from krasis.common.kv_cache import KVCache  # lazily, like torch, which it imports
 
     return KVCache(pool.layers, pool.page_size, pool.states or None)
-
-
-def _check_space(size: int) -> None:
-    stat = os.statvfs(SHM_DIR)
-    free = stat.f_bavail * stat.f_frsize
-    if size > free:
-        raise SharedMemoryFull(_space_message(size, free))
-
-
-def _space_message(size: int, free: int) -> str:
-    return (
-        f"the KV pool needs {size / 2**30:.2f} GiB of shared memory but {SHM_DIR} has {free / 2**30:.2f} GiB free; "
-        "use fewer KV pages or enlarge it (`mount -o remount,size=...`, or `--shm-size` in Docker)"
-    )
-
-
-def _create_segment(path: Path, size: int, reserve: bool) -> mmap.mmap:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.ftruncate(fd, size)
-        if reserve:
-            os.posix_fallocate(fd, 0, size)
-        return mmap.mmap(fd, size)
-    except OSError as exc:
-        os.unlink(path)
-        if exc.errno == errno.ENOSPC:
-            stat = os.statvfs(SHM_DIR)
-            raise SharedMemoryFull(_space_message(size, stat.f_bavail * stat.f_frsize)) from exc
-        raise
-    finally:
-        os.close(fd)
-
-
-# Segments this process owns, path -> owner pid, removed at exit and on SIGTERM. Plain files and no
-# multiprocessing.shared_memory: its resource_tracker unlinks (and warns about) segments that attaching
-# processes merely mapped, on Python < 3.13.
-_owned: dict[str, int] = {}
-_previous_sigterm = None
-_sigterm_hooked = False
-
-
-def _track_owned(path: Path) -> None:
-    _owned[str(path)] = os.getpid()
-    _hook_sigterm()
-
-
-def _unlink(path: Path) -> None:
-    _owned.pop(str(path), None)
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-@atexit.register
-def _remove_owned_segments() -> None:
-    for path, pid in list(_owned.items()):
-        if pid == os.getpid():
-            _unlink(Path(path))
-
-
-def _hook_sigterm() -> None:
-    """Unlink owned segments on SIGTERM, then do what SIGTERM did before (default: die of it)."""
-    global _previous_sigterm, _sigterm_hooked
-    if _sigterm_hooked or threading.current_thread() is not threading.main_thread():
-        return  # handlers can only be set from the main thread; atexit still covers normal exits
-    _previous_sigterm = signal.signal(signal.SIGTERM, _on_sigterm)
-    _sigterm_hooked = True
-
-
-def _on_sigterm(signum, frame) -> None:
-    _remove_owned_segments()
-    previous = _previous_sigterm
-    if callable(previous):
-        previous(signum, frame)
-    elif previous != signal.SIG_IGN:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-def cleanup_stale(prefix: str) -> list[str]:
-    """Remove segments `<prefix>-<pid>-<token>` whose owner pid is gone; returns the names removed.
-
-    Pids are judged in this pid namespace: run it where the owners ran (a container has its own /dev/shm).
-    """
-    if not _NAME.fullmatch(prefix):
-        raise ValueError(f"bad KV pool name prefix {prefix!r}")
-    removed = []
-    for path in sorted(SHM_DIR.glob(f"{prefix}-*")):
-        match = _OWNER_AND_TOKEN.fullmatch(path.name[len(prefix) + 1 :])
-        if match and not _pid_alive(int(match.group(1))):
-            path.unlink(missing_ok=True)
-            removed.append(path.name)
-    return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return True
-    return stat.rsplit(b")", 1)[1].split()[:1] != [b"Z"]  # a zombie has exited; only its parent has not reaped it

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 # Shared with the KV pool: segments under /dev/shm that the owner unlinks on close, at exit and on SIGTERM.
-from krasis.common.shm import _NAME, SHM_DIR, _create_segment, _pid_alive, _track_owned, _unlink
+from krasis.common.shm_segments import SEGMENT_NAME, SHM_DIR, create_segment, pid_alive, track_owned, unlink_segment
 
 _ALIGN = 4096
 _LINE = 8  # int64s per 64-byte cache line
@@ -77,7 +77,7 @@ def poll(is_done: Callable[[], bool], policy: WaitPolicy, timeout_s: float, chec
 
 def pids_alive(pids: dict[int, int]) -> Callable[[int], bool]:
     """A liveness check from {shard: pid}; a zombie counts as dead (its parent may not have reaped it yet)."""
-    return lambda shard: _pid_alive(pids[shard])
+    return lambda shard: pid_alive(pids[shard])
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ class ShardExchangeDescriptor:
 
 
 def _check(d: ShardExchangeDescriptor) -> None:
-    if not _NAME.fullmatch(d.name):
+    if not SEGMENT_NAME.fullmatch(d.name):
         raise ValueError(f"bad shard exchange name {d.name!r}")
     if min(d.num_shards, d.max_tokens, d.hidden_size, d.top_k) < 1:
         raise ValueError(f"shard exchange needs num_shards, max_tokens, hidden_size and top_k >= 1, got {d}")
@@ -151,16 +151,16 @@ class ShardExchange:
     @classmethod
     def create(cls, num_shards, max_tokens, hidden_size, top_k, dtype, name_prefix="krasis-experts"):
         """A new segment owned by this process (the leader): unlinked on close(), at exit and on SIGTERM."""
-        if not _NAME.fullmatch(name_prefix):
+        if not SEGMENT_NAME.fullmatch(name_prefix):
             raise ValueError(f"bad shard exchange name prefix {name_prefix!r}")
         name = f"{name_prefix}-{os.getpid()}-{secrets.token_hex(4)}"
         d = ShardExchangeDescriptor(name, num_shards, max_tokens, hidden_size, top_k, str(dtype).removeprefix("torch."))
         _check(d)
-        _track_owned(SHM_DIR / name)
+        track_owned(SHM_DIR / name)
         try:
-            mapping = _create_segment(SHM_DIR / name, d.offsets[-1], reserve=True)
+            mapping = create_segment(SHM_DIR / name, d.offsets[-1], reserve=True)
         except BaseException:
-            _unlink(SHM_DIR / name)
+            unlink_segment(SHM_DIR / name)
             raise
         exchange = cls(d, mapping, os.getpid())
         exchange._header[_MAGIC] = _MAGIC_VALUE
@@ -255,7 +255,7 @@ class ShardExchange:
             return
         if self._owner_pid == os.getpid():
             self._header[_SHUTDOWN] = 1
-            _unlink(SHM_DIR / self.descriptor.name)
+            unlink_segment(SHM_DIR / self.descriptor.name)
         self._header = self.x = self.topk_ids = self.topk_weights = self.slots = None
         try:
             self._mapping.close()

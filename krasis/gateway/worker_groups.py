@@ -5,7 +5,8 @@ import logging
 from dataclasses import dataclass
 
 from krasis.common.process import Supervisor, set_torch_threads, spawn_worker
-from krasis.common.shm import SharedKVPool, cleanup_stale
+from krasis.common.shm import SharedKVPool
+from krasis.common.shm_segments import cleanup_stale
 from krasis.common.topology import WorkerPlacement
 from krasis.common.zmq_queues import AsyncPullQueue, AsyncPushQueue, ipc_endpoint
 from krasis.cpu_worker.process import DecodeWorkerConfig, decode_title, run_decode_worker

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 from openai import AsyncOpenAI, OpenAI
 
-from krasis.common.shm import cleanup_stale
+from krasis.common.shm_segments import cleanup_stale
 from krasis.ctl.main import cli
 from krasis.gateway.worker_groups import PipelineConfig
 from tests.models.tiny_checkpoints import build_checkpoint

@@ -12,7 +12,7 @@ import torch
 from krasis.common.layers.moe import StackedExperts
 from krasis.common.process import spawn_worker
 from krasis.common.quant.formats import QuantSpec, quantize
-from krasis.common.shm import SHM_DIR
+from krasis.common.shm_segments import SHM_DIR
 from krasis.cpu_worker.expert_shard import ExpertShard, build_shards, shard_range
 from krasis.cpu_worker.shard_exchange import ShardExchange, ShardWorkerDied, pids_alive
 

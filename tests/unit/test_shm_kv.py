@@ -11,7 +11,8 @@ import msgpack
 import pytest
 import torch
 
-from krasis.common.shm import SHM_DIR, SharedKVPool, SharedMemoryFull, cleanup_stale, shared_kv_cache
+from krasis.common.shm import SharedKVPool, shared_kv_cache
+from krasis.common.shm_segments import SHM_DIR, SharedMemoryFull, cleanup_stale
 
 REPO = Path(__file__).resolve().parents[2]
 PAGE_SIZE = 4
