@@ -14,13 +14,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from krasis.common.sampling import (
-    SamplingParams,
-    SequenceSampler,
-    apply_penalties,
-    apply_warpers,
-    sample,
-)
+from krasis.common.sampling import SamplingParams, SequenceSampler, apply_penalties, sample
+from krasis.common.sampling_warpers import apply_warpers
 
 VOCAB = 64
 
