@@ -13,30 +13,14 @@ import time
 
 import torch
 
+from krasis.bench.limits import read_bandwidth
+from krasis.bench.presets import preset_config
 from krasis.common.engine import EngineConfig, EngineCore
 from krasis.common.models.deepseek_v2 import DeepseekV2Config, DeepseekV2ForCausalLM
 from krasis.common.sampling_params import SamplingParams
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 GB = 1e9
-
-
-def v2_lite_config(num_layers: int) -> dict:
-    """The published DeepSeek-V2-Lite config.json fields, cut to `num_layers` layers."""
-    return {
-        "model_type": "deepseek_v2", "vocab_size": 102400, "hidden_size": 2048, "intermediate_size": 10944,
-        "num_hidden_layers": num_layers, "num_attention_heads": 16, "num_key_value_heads": 16,
-        "kv_lora_rank": 512, "q_lora_rank": None, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
-        "v_head_dim": 128, "moe_intermediate_size": 1408, "n_routed_experts": 64, "n_shared_experts": 2,
-        "num_experts_per_tok": 6, "first_k_dense_replace": 1, "moe_layer_freq": 1, "topk_method": "greedy",
-        "n_group": 1, "topk_group": 1, "norm_topk_prob": False, "routed_scaling_factor": 1.0,
-        "scoring_func": "softmax", "max_position_embeddings": 163840, "rope_theta": 10000,
-        "rope_scaling": {
-            "type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "mscale": 0.707,
-            "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1,
-        },
-        "rms_norm_eps": 1e-6, "hidden_act": "silu", "attention_bias": False, "tie_word_embeddings": False,
-    }
 
 
 def build_random_model(cfg: DeepseekV2Config, dtype: torch.dtype, seed: int = 0) -> DeepseekV2ForCausalLM:
@@ -54,18 +38,6 @@ def build_random_model(cfg: DeepseekV2Config, dtype: torch.dtype, seed: int = 0)
             # Weights are [..., out, in]: the last dim is the fan-in, which keeps activations O(1) per layer.
             param.data.normal_(0.0, param.shape[-1] ** -0.5, generator=gen)
     return model.eval().requires_grad_(False)
-
-
-def read_bandwidth(gib: float = 2.0, passes: int = 8) -> tuple[float, float]:
-    """(best, median) GB/s of torch.sum over a buffer far larger than the L3, first pass dropped as warm-up."""
-    buf = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)  # ones, not empty: every page is faulted in
-    rates = []
-    for _ in range(passes + 1):
-        start = time.perf_counter()
-        buf.sum()
-        rates.append(buf.numel() * 4 / (time.perf_counter() - start) / GB)
-    del buf
-    return max(rates[1:]), statistics.median(rates[1:])
 
 
 def param_group(name: str) -> str:
@@ -103,18 +75,34 @@ def bytes_per_token(model: DeepseekV2ForCausalLM, context: float) -> dict[str, f
     return groups
 
 
-def mla_expand_flops(cfg: DeepseekV2Config, context: float) -> float:
-    """FLOPs per token spent re-expanding the cached latent through kv_b_proj over the whole context."""
-    width = cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)
-    return 2 * context * cfg.kv_lora_rank * width * cfg.num_hidden_layers
+def mla_decode_flops(cfg: DeepseekV2Config, context: float) -> float:
+    """FLOPs per decode token of absorbed MLA attention: W_UK and W_UV per head, scores and the latent sum over the context."""
+    rank, kv_b_width = cfg.kv_lora_rank, cfg.qk_nope_head_dim + cfg.v_head_dim
+    per_head = kv_b_width * rank + context * (2 * rank + cfg.qk_rope_head_dim)
+    return 2 * cfg.num_attention_heads * per_head * cfg.num_hidden_layers
 
 
-def run_engine(model, cfg: DeepseekV2Config, prompt_tokens: int, decode_tokens: int) -> dict:
-    """Prefill a random prompt (its step yields the first token), then time `decode_tokens` decode steps."""
+def fill_random_context(engine: EngineCore, context: int, seed: int = 2) -> None:
+    """Admit the one waiting sequence and mark all but its last prompt token cached, with N(0, 1) KV in their pages:
+    decode at a long context without a long CPU prefill (attention reads the same bytes whatever they hold)."""
+    engine._admit()  # the engine's own page reservation for the request, as its first step would make
+    seq = engine.running[0]
+    slots = engine.kv.slots(seq.page_table, 0, context - 1)
+    gen = torch.Generator().manual_seed(seed)
+    for layer in engine.kv.layers:
+        layer[slots] = torch.randn(context - 1, layer.shape[1], generator=gen).to(layer.dtype)
+    seq.num_cached = context - 1
+
+
+def run_engine(model, cfg: DeepseekV2Config, prompt_tokens: int, decode_tokens: int, random_context: bool) -> dict:
+    """Prefill a random prompt (its step yields the first token), or only its last token over random KV, then time
+    `decode_tokens` decode steps."""
     max_context = prompt_tokens + decode_tokens + 1
     engine = EngineCore(model, EngineConfig(max_context, kv_pages=-(-max_context // 16)), frozenset(), cfg.vocab_size)
     prompt = torch.randint(cfg.vocab_size, (prompt_tokens,), generator=torch.Generator().manual_seed(1)).tolist()
     engine.add("bench", prompt, SamplingParams(max_tokens=decode_tokens + 1, temperature=0.0, ignore_eos=True))
+    if random_context:
+        fill_random_context(engine, prompt_tokens)
     start, cpu_start = time.perf_counter(), time.process_time()
     while not engine.step():  # chunks of max_batch_tokens; the last one samples the first token
         pass
@@ -125,9 +113,10 @@ def run_engine(model, cfg: DeepseekV2Config, prompt_tokens: int, decode_tokens: 
         engine.step()
         step_s.append(time.perf_counter() - start)
     decode_cpu_s = time.process_time() - cpu_start
+    prefilled = 1 if random_context else prompt_tokens
     return {
         "prefill_s": prefill_s,
-        "prefill_tok_s": prompt_tokens / prefill_s,
+        "prefill_tok_s": prefilled / prefill_s,
         "prefill_cpu_util": cpu_util(prefill_cpu_s, prefill_s),
         "decode_tok_s": len(step_s) / sum(step_s),
         "decode_ms_per_token": 1e3 * sum(step_s) / len(step_s),
@@ -146,7 +135,7 @@ def print_breakdown(result: dict) -> None:
     for group, size in sorted(result["bytes_per_token"].items(), key=lambda kv: -kv[1]):
         print(f"  {group:<26} {size / 1e6:10.1f} MB")
     print(f"  {'total':<26} {result['bytes_per_token_total'] / 1e6:10.1f} MB")
-    print(f"MLA K/V re-expansion: {result['mla_expand_gflop']:.1f} GFLOP/token (compute, no extra weight reads)")
+    print(f"MLA absorbed attention: {result['mla_decode_gflop']:.2f} GFLOP/token (the KV cache bytes above are its reads)")
 
 
 def print_table(r: dict) -> None:
@@ -162,7 +151,8 @@ def print_table(r: dict) -> None:
         ("peak RSS GB", f"{r['peak_rss_gb']:.2f}", f"weights {r['weights_gb']:.2f}", ""),
     ]
     print(f"\n{r['layers']} layers, {r['dtype']}, {r['threads']} threads, "
-          f"prompt {r['prompt_tokens']}, decode {r['decode_tokens']}; "
+          f"prompt {r['prompt_tokens']}{' (random KV, last token prefilled)' if r['random_context'] else ''}, "
+          f"decode {r['decode_tokens']}; "
           f"read bandwidth best {r['bandwidth_gbs_best']:.1f} / median {r['bandwidth_gbs_median']:.1f} GB/s")
     print(f"{'metric':<26}{'measured':>14}{'limit':>34}{'ratio':>8}")
     for metric, measured, limit, ratio in rows:
@@ -174,6 +164,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--context", type=int, default=0,
+                        help="decode after this many cached tokens of random KV (the prefill runs only the last one)"
+                        " instead of prefilling --prompt-tokens")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--bandwidth-gib", type=float, default=2.0)
@@ -183,30 +176,32 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    if args.context:
+        args.prompt_tokens = args.context
     torch.set_num_threads(args.threads)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731 - progress never pollutes --json
     # Bandwidth first, before the weights exist, so the 2 GiB buffer doesn't add to the peak RSS.
     log(f"measuring read bandwidth ({args.bandwidth_gib} GiB, {args.threads} threads)...")
     best_gbs, median_gbs = read_bandwidth(args.bandwidth_gib)
-    cfg = DeepseekV2Config.from_hf(v2_lite_config(args.layers))
+    cfg = DeepseekV2Config.from_hf(preset_config("deepseek-v2-lite", args.layers))
     log(f"building {args.layers}-layer model in {args.dtype} with random weights...")
     start = time.perf_counter()
     model = build_random_model(cfg, DTYPES[args.dtype])
     build_s = time.perf_counter() - start
     log(f"built in {build_s:.1f} s; prefill {args.prompt_tokens} + decode {args.decode_tokens} tokens...")
-    timings = run_engine(model, cfg, args.prompt_tokens, args.decode_tokens)
+    timings = run_engine(model, cfg, args.prompt_tokens, args.decode_tokens, random_context=bool(args.context))
 
     mean_context = args.prompt_tokens + (args.decode_tokens + 1) / 2  # each decode step attends to all before it
     groups = bytes_per_token(model, mean_context)
     total = sum(groups.values())
     result = {
         "layers": args.layers, "dtype": args.dtype, "threads": args.threads,
-        "prompt_tokens": args.prompt_tokens, "decode_tokens": args.decode_tokens,
+        "prompt_tokens": args.prompt_tokens, "decode_tokens": args.decode_tokens, "random_context": bool(args.context),
         "params": sum(p.numel() for p in model.parameters()),
         "weights_gb": sum(p.numel() * p.element_size() for p in model.parameters()) / GB,
         "build_s": build_s, "bandwidth_gbs_best": best_gbs, "bandwidth_gbs_median": median_gbs,
         "mean_context": mean_context, "bytes_per_token": groups, "bytes_per_token_total": total,
-        "mla_expand_gflop": mla_expand_flops(cfg, mean_context) / GB,
+        "mla_decode_gflop": mla_decode_flops(cfg, mean_context) / GB,
         **timings,
         "decode_bound_tok_s": best_gbs * GB / total,
         "decode_gbs": timings["decode_tok_s"] * total / GB,

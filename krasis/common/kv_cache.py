@@ -64,14 +64,26 @@ class KVCache:
 
     def slots(self, page_table: list[int], start: int, end: int, device=None) -> torch.Tensor:
         """Slots of token positions [start, end) of a sequence with this page table."""
-        positions = torch.arange(start, end, device=device)
-        pages = torch.tensor(page_table, dtype=torch.long, device=device)[positions // self.page_size]
-        return pages * self.page_size + positions % self.page_size
+        first_page = start // self.page_size
+        positions = torch.arange(start - first_page * self.page_size, end - first_page * self.page_size, device=device)
+        pages = torch.tensor(page_table[first_page : self.pages_for(end)], dtype=torch.long, device=device)
+        return pages[positions // self.page_size] * self.page_size + positions % self.page_size
+
+    def context(self, page_table: list[int], end: int, device=None) -> "torch.Tensor | slice":
+        """Slots of positions [0, end): a slice of rows when its pages are consecutive, so `read` is a view, not a copy."""
+        used = self.pages_for(end)
+        first = page_table[0] if used else 0
+        if page_table[:used] == list(range(first, first + used)):
+            return slice(first * self.page_size, first * self.page_size + end)
+        return self.slots(page_table, 0, end, device)
 
     def write(self, layer: int, slots: torch.Tensor, values: torch.Tensor) -> None:
         self.layers[layer].index_copy_(0, slots, values.to(self.layers[layer].dtype))
 
-    def read(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
+    def read(self, layer: int, slots: "torch.Tensor | slice") -> torch.Tensor:
+        """[len(slots), width]: a view for a slice of rows, a gathered copy for a slot tensor."""
+        if isinstance(slots, slice):
+            return self.layers[layer][slots]
         return self.layers[layer].index_select(0, slots)
 
 
@@ -81,11 +93,13 @@ class SequenceSlice:
 
     query_start: int  # offset of its first new token in the flat token batch
     query_len: int
-    context_slots: torch.Tensor  # [context_len] KV slots of all its tokens, old and new
+    context_slots: "torch.Tensor | slice"  # [context_len] KV slots of all its tokens, old and new (KVCache.context)
     state_slot: int | None = None  # its row in KVCache.states (models with per-sequence state only)
 
     @property
     def context_len(self) -> int:
+        if isinstance(self.context_slots, slice):
+            return self.context_slots.stop - self.context_slots.start
         return self.context_slots.numel()
 
     @property

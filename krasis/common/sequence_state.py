@@ -82,7 +82,7 @@ def forward_batch(plan: Plan, kv: KVCache, device, page_tables: list[list[int]] 
         ids.extend(seq.token_ids[begin:end])
         positions.append(torch.arange(begin, end, device=device))
         write_slots.append(kv.slots(table, begin, end, device))
-        slices.append(SequenceSlice(start, take, kv.slots(table, 0, end, device), seq.state_slot))
+        slices.append(SequenceSlice(start, take, kv.context(table, end, device), seq.state_slot))
         start += take
     batch = ForwardBatch(torch.cat(positions), torch.cat(write_slots), slices, kv)
     return torch.tensor(ids, dtype=torch.long, device=device), batch

@@ -1,10 +1,12 @@
-"""Attention over paged KV, one sequence at a time, through torch SDPA."""
+"""Attention over paged KV, one sequence at a time: SDPA for prefill chunks, plain GEMMs for decode."""
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from krasis.common.kv_cache import ForwardBatch, SequenceSlice
+
+FEW_QUERIES = 16  # up to this many queries (decode, short chunks) attend by GEMMs; more through SDPA's fused kernels
 
 
 def causal_mask(query_len: int, context_len: int, sliding_window: int | None, device) -> torch.Tensor | None:
@@ -30,6 +32,38 @@ def attend(
     q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return out[0].transpose(0, 1)
+
+
+def attend_few_queries(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """`attend` for decode-sized query counts, by two GEMMs per KV head with its query heads folded into the GEMM
+    rows: KV is read in place (never repeated per query head; the GEMMs take its row stride), and the GEMMs split the
+    context across threads, where SDPA's CPU kernel splits only heads x query blocks (one thread for a decode token
+    of one KV head). Softmax in fp32. q: [Tq, Hq, D], k: [L, Hkv, D], v: [L, Hkv, Dv], mask: bool [Tq, L] or None
+    -> [Tq, Hq, Dv]."""
+    tokens, heads, dim = q.shape
+    kv_heads = k.shape[1]
+    groups = heads // kv_heads
+    q = q.view(tokens, kv_heads, groups, dim)
+    out = q.new_empty(tokens, kv_heads, groups, v.shape[-1])
+    for head in range(kv_heads):
+        scores = (q[:, head].reshape(tokens * groups, dim) @ k[:, head].t()).float().mul_(scale)  # [Tq * groups, L]
+        if mask is not None:
+            scores.view(tokens, groups, -1).masked_fill_(~mask[:, None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(v.dtype)
+        out[:, head] = (probs @ v[:, head]).view(tokens, groups, -1)
+    return out.view(tokens, heads, -1)
+
+
+def attend_sequence(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, seq: SequenceSlice, sliding_window: int | None
+) -> torch.Tensor:
+    """One sequence's queries q [Tq, Hq, D] over its context k [L, Hkv, D], v [L, Hkv, Dv], causal -> [Tq, Hq, Dv]."""
+    if seq.query_len <= FEW_QUERIES:
+        mask = causal_mask(seq.query_len, seq.context_len, sliding_window, q.device)
+        return attend_few_queries(q, k, v, scale, mask)
+    return attend(q, k, v, scale, sequence_mask(seq, sliding_window, q.device))
 
 
 def per_sequence(batch: ForwardBatch):

@@ -1,4 +1,4 @@
-"""The gated delta rule of one sequence in torch, fp32: chunked for prompts, step by step for decode.
+"""The gated delta rule in torch, fp32: chunked for one sequence's prompt, one step for a batch of decode tokens.
 
 Per head, with state S [Dk, Dv], decay g_t <= 0 (log space) and write strength beta_t in (0, 1):
     S_t = exp(g_t) * S_{t-1} + k_t (beta_t * (v_t - k_t^T exp(g_t) S_{t-1}))^T,    o_t = S_t^T q_t / sqrt(Dk)
@@ -27,18 +27,17 @@ def prepare_qk(q: torch.Tensor, k: torch.Tensor, num_v_heads: int) -> tuple[torc
     return q * q.shape[-1] ** -0.5, k
 
 
-def recurrent_delta_rule(q, k, v, g, beta, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token by token. q, k: [T, H, Dk] (prepared); v: [T, H, Dv]; g, beta: [T, H]; state: [H, Dk, Dv] fp32.
-    -> outputs [T, H, Dv] fp32, final state."""
+def delta_rule_step(q, k, v, g, beta, state: torch.Tensor) -> torch.Tensor:
+    """One token of each of B sequences, updating `state` in place (each pass over it costs B x 2 MB a layer for
+    Qwen3-Next). q, k: [B, H, Dk] (prepared); v: [B, H, Dv]; g, beta: [B, H]; state: [B, H, Dk, Dv] fp32, contiguous
+    -> outputs [B, H, Dv] fp32."""
     v, g, beta = v.float(), g.float(), beta.float()
-    out = v.new_empty(v.shape)
-    for t in range(q.shape[0]):
-        state = state * g[t].exp()[:, None, None]
-        predicted = torch.einsum("hk,hkv->hv", k[t], state)
-        correction = (v[t] - predicted) * beta[t][:, None]
-        state = state + k[t][:, :, None] * correction[:, None, :]
-        out[t] = torch.einsum("hk,hkv->hv", q[t], state)
-    return out, state
+    state.mul_(g.exp()[..., None, None])
+    predicted = torch.einsum("bhk,bhkv->bhv", k, state)
+    correction = (v - predicted) * beta[..., None]
+    dk, dv = state.shape[-2:]
+    state.view(-1, dk, dv).baddbmm_(k.reshape(-1, dk, 1), correction.reshape(-1, 1, dv))  # += k correction^T
+    return torch.einsum("bhk,bhkv->bhv", q, state)
 
 
 def _chunks(x: torch.Tensor, pad: int) -> torch.Tensor:
@@ -49,7 +48,8 @@ def _chunks(x: torch.Tensor, pad: int) -> torch.Tensor:
 
 
 def chunked_delta_rule(q, k, v, g, beta, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as recurrent_delta_rule, in chunks of CHUNK_TOKENS."""
+    """One sequence's T tokens in chunks of CHUNK_TOKENS. q, k: [T, H, Dk] (prepared); v: [T, H, Dv]; g, beta: [T, H];
+    state: [H, Dk, Dv] fp32 -> outputs [T, H, Dv] fp32, final state."""
     length = q.shape[0]
     pad = -length % CHUNK_TOKENS
     q, k, v = (_chunks(x.float(), pad) for x in (q, k, v))  # [H, N, C, D]
@@ -81,3 +81,11 @@ def causal_conv(x: torch.Tensor, previous: torch.Tensor, weight: torch.Tensor) -
     window = torch.cat((previous.to(weight.dtype), x.t().to(weight.dtype)), dim=-1)  # [C, K-1+T]
     out = F.conv1d(window[None], weight, groups=weight.shape[0])[0]  # [C, T]
     return out.t().to(x.dtype), window[:, window.shape[1] - previous.shape[1] :]
+
+
+def causal_conv_step(x: torch.Tensor, previous: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`causal_conv` for one new input of each of B sequences. x: [B, C]; previous: [B, C, K-1]; weight: [C, 1, K]
+    -> (outputs [B, C] before activation, new previous [B, C, K-1])."""
+    window = torch.cat((previous.to(weight.dtype), x[:, :, None].to(weight.dtype)), dim=-1)  # [B, C, K]
+    out = F.conv1d(window, weight, groups=weight.shape[0])[:, :, 0]
+    return out.to(x.dtype), window[:, :, 1:]

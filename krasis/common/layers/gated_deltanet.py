@@ -12,7 +12,13 @@ from torch import nn
 
 from krasis.common.kv_cache import ForwardBatch, SequenceSlice
 from krasis.common.layers.attention import per_sequence
-from krasis.common.layers.delta_rule import causal_conv, chunked_delta_rule, prepare_qk, recurrent_delta_rule
+from krasis.common.layers.delta_rule import (
+    causal_conv,
+    causal_conv_step,
+    chunked_delta_rule,
+    delta_rule_step,
+    prepare_qk,
+)
 from krasis.common.layers.mlp import activation
 from krasis.common.layers.norm import GatedRMSNorm
 
@@ -67,41 +73,64 @@ class GatedDeltaNet(nn.Module):
         beta = b.sigmoid()
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)  # [T, Hv], log-space decay
         out = x.new_empty(tokens, self.num_v_heads, self.head_v_dim)
+        states = batch.kv.states[self.layer_idx]
+        # one cached token per sequence (decode): all such sequences in one batched step, as the reference steps them
+        decoding = [seq for seq in batch.seqs if seq.num_cached > 0 and seq.query_len == 1]
+        if decoding:
+            rows = torch.tensor([seq.query_start for seq in decoding], device=x.device)
+            out[rows] = self._decode(mixed[rows], g[rows], beta[rows], states, decoding)
         for rows, seq in per_sequence(batch):
-            out[rows] = self._sequence(mixed[rows], g[rows], beta[rows], batch.kv.states[self.layer_idx], seq)
+            if seq.num_cached == 0 or seq.query_len > 1:
+                out[rows] = self._sequence(mixed[rows], g[rows], beta[rows], states, seq)
         out = self.norm(out.view(-1, self.head_v_dim), z.reshape(-1, self.head_v_dim))
         return self.out_proj(out.view(tokens, -1))
 
+    def _decode(self, mixed, g, beta, states: torch.Tensor, seqs: list[SequenceSlice]) -> torch.Tensor:
+        """One new token of each of B cached sequences, from and back to their state rows. mixed: [B, conv_dim]
+        -> [B, Hv, Dv]."""
+        slots = torch.tensor([self._state_slot(states, seq) for seq in seqs], device=states.device)
+        conv_width, count = self.conv_dim * (self.kernel - 1), len(seqs)
+        # gathered copies, each contiguous: the delta rule updates the recurrent states in place
+        conv_state = states[slots, :conv_width].view(count, self.conv_dim, self.kernel - 1)
+        recurrent = states[slots, conv_width:].view(count, self.num_v_heads, self.head_k_dim, self.head_v_dim)
+        conv_out, conv_state = causal_conv_step(mixed, conv_state, self.conv1d.weight)
+        out = delta_rule_step(*self._qkv(conv_out), g, beta, recurrent)
+        self._write_state(states, slots, conv_state, recurrent)
+        return out.to(mixed.dtype)
+
     def _sequence(self, mixed, g, beta, states: torch.Tensor, seq: SequenceSlice) -> torch.Tensor:
-        """One sequence's new tokens, from and back to its state row. mixed: [T, conv_dim] -> [T, Hv, Dv]."""
-        conv_state, recurrent = self._read_state(states, seq)
+        """One sequence's chunk of new tokens, from and back to its state row. mixed: [T, conv_dim] -> [T, Hv, Dv]."""
+        slot = self._state_slot(states, seq)
+        row = states.new_zeros(self.state_width) if seq.num_cached == 0 else states[slot]
+        conv_state, recurrent = self._unpack(row)
         conv_out, conv_state = causal_conv(mixed, conv_state, self.conv1d.weight)
+        out, recurrent = chunked_delta_rule(*self._qkv(conv_out), g, beta, recurrent)
+        self._write_state(states, slot, conv_state, recurrent)
+        return out.to(mixed.dtype)
+
+    def _qkv(self, conv_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Conv outputs [T, conv_dim] -> prepared q, k [T, Hv, Dk] (fp32), v [T, Hv, Dv]."""
         q, k, v = self.act_fn(conv_out).split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         key_heads = (-1, self.num_k_heads, self.head_k_dim)
         q, k = prepare_qk(q.reshape(key_heads), k.reshape(key_heads), self.num_v_heads)
-        v = v.reshape(-1, self.num_v_heads, self.head_v_dim)
-        # one decode token: the step-by-step update, as the reference does for a cached single token
-        rule = recurrent_delta_rule if seq.num_cached > 0 and seq.query_len == 1 else chunked_delta_rule
-        out, recurrent = rule(q, k, v, g, beta, recurrent)
-        self._write_state(states, seq, conv_state, recurrent)
-        return out.to(mixed.dtype)
+        return q, k, v.reshape(-1, self.num_v_heads, self.head_v_dim)
 
-    def _read_state(self, states: torch.Tensor, seq: SequenceSlice) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> conv state [conv_dim, K-1], recurrent state [Hv, Dk, Dv], both fp32 (zeros for a new sequence)."""
+    def _state_slot(self, states: torch.Tensor, seq: SequenceSlice) -> int:
         if seq.state_slot is None or not 0 <= seq.state_slot < states.shape[0]:
             raise ValueError(f"layer {self.layer_idx}: a sequence without a valid state slot ({seq.state_slot})")
-        if seq.num_cached == 0:
-            row = states.new_zeros(self.state_width)
-        else:
-            row = states[seq.state_slot]
+        return seq.state_slot
+
+    def _unpack(self, row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A state row [state_width] -> conv state [conv_dim, K-1], recurrent state [Hv, Dk, Dv] (views)."""
         conv_width = self.conv_dim * (self.kernel - 1)
         recurrent_shape = (self.num_v_heads, self.head_k_dim, self.head_v_dim)
         return row[:conv_width].view(self.conv_dim, -1), row[conv_width:].view(recurrent_shape)
 
-    def _write_state(self, states: torch.Tensor, seq: SequenceSlice, conv_state, recurrent) -> None:
+    def _write_state(self, states: torch.Tensor, slots, conv_state, recurrent) -> None:
+        """Write back one row (`slots` an int) or B rows (`slots` a tensor [B])."""
         conv_width = self.conv_dim * (self.kernel - 1)
-        states[seq.state_slot, :conv_width] = conv_state.reshape(-1)
-        states[seq.state_slot, conv_width:] = recurrent.reshape(-1)
+        states[slots, :conv_width] = conv_state.flatten(-2)
+        states[slots, conv_width:] = recurrent.flatten(-3)
 
 
 class SplitGatedDeltaNet(GatedDeltaNet):

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from krasis.common.kv_cache import ForwardBatch
-from krasis.common.layers.attention import attend, per_sequence, sequence_mask
+from krasis.common.layers.attention import attend_sequence, per_sequence
 from krasis.common.layers.norm import RMSNorm
 from krasis.common.layers.rotary import RotaryEmbedding, apply_rotary_half
 
@@ -63,8 +63,7 @@ class GQAttention(nn.Module):
             kv = batch.kv.read(self.layer_idx, seq.context_slots).to(q.dtype)
             kv = kv.view(-1, self.num_kv_heads, 2 * self.head_dim)
             ctx_k, ctx_v = kv[..., : self.head_dim], kv[..., self.head_dim :]
-            mask = sequence_mask(seq, self.sliding_window, x.device)
-            out[rows] = attend(q[rows], ctx_k, ctx_v, self.head_dim**-0.5, mask)
+            out[rows] = attend_sequence(q[rows], ctx_k, ctx_v, self.head_dim**-0.5, seq, self.sliding_window)
         out = out.view(tokens, -1)
         if gate is not None:
             out = out * torch.sigmoid(gate)

@@ -1,15 +1,24 @@
-"""Multi-head latent attention (DeepSeek-V2): the cache holds the normed KV latent and the roped shared key."""
+"""Multi-head latent attention (DeepSeek-V2): the cache holds the normed KV latent and the roped shared key.
+
+Prefill chunks expand the cached latent through kv_b_proj into per-head keys and values, as the reference does.
+Decode tokens attend in the latent space instead ("weight absorption"): W_UK (kv_b_proj's key rows) folds into the
+query, W_UV (its value rows) applies after the attention-weighted sum of latents, so a token costs
+context x heads x (2 kv_lora + rope) multiply-adds instead of context x kv_b_proj's size. Same math up to fp32 rounding.
+"""
 
 import torch
 from torch import nn
 
 from krasis.common.kv_cache import ForwardBatch
-from krasis.common.layers.attention import attend, per_sequence, sequence_mask
+from krasis.common.layers.attention import attend_few_queries, attend_sequence, causal_mask, per_sequence
 from krasis.common.layers.norm import RMSNorm
 from krasis.common.layers.rotary import RotaryEmbedding, apply_rotary_interleaved
+from krasis.common.quant.formats import dequantize
 
 
 class MLAttention(nn.Module):
+    """DeepSeek-V2 MLA over paged KV of width kv_lora + rope; expands or absorbs per sequence, whichever is cheaper."""
+
     def __init__(self, layer_idx: int, cfg, rotary: RotaryEmbedding, softmax_scale: float):
         super().__init__()
         self.layer_idx, self.rotary, self.scale = layer_idx, rotary, softmax_scale
@@ -28,6 +37,7 @@ class MLAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank)
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.v_dim, hidden, bias=bias)
+        self._dequantized_kv_b: tuple[nn.Module, torch.Tensor] | None = None  # (quantized kv_b_proj, its weight)
 
     @property
     def kv_width(self) -> int:
@@ -49,14 +59,28 @@ class MLAttention(nn.Module):
         k_pe = apply_rotary_interleaved(k_pe[:, None, :], cos, sin)[:, 0]
         q = torch.cat((q[..., : self.nope_dim], q_pe), dim=-1)
         batch.kv.write(self.layer_idx, batch.write_slots, torch.cat((latent, k_pe), dim=-1))
+        return self.o_proj(self._attend(q, batch).view(tokens, -1))
 
-        out = x.new_empty(tokens, self.num_heads, self.v_dim)
-        for rows, seq in per_sequence(batch):
-            cached = batch.kv.read(self.layer_idx, seq.context_slots).to(x.dtype)
-            k, v = self._expand(cached)
-            mask = sequence_mask(seq, None, x.device)
-            out[rows] = attend(q[rows], k, v, self.scale, mask)
-        return self.o_proj(out.view(tokens, -1))
+    def _attend(self, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """Roped queries [T, heads, nope + rope] over each sequence's cache -> [T, heads, v]."""
+        absorbs = [self._absorbs(seq.query_len, seq.context_len) for seq in batch.seqs]
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        q_absorbed = torch.cat((self._absorb_queries(q_nope), q_pe), dim=-1) if any(absorbs) else None
+        out = q.new_zeros(q.shape[0], self.num_heads, self.v_dim)  # expanded sequences' outputs
+        if q_absorbed is not None:  # absorbed sequences' outputs, before W_UV
+            out_latent = q.new_zeros(q.shape[0], self.num_heads, self.kv_lora_rank)
+        for (rows, seq), absorb in zip(per_sequence(batch), absorbs):
+            cached = batch.kv.read(self.layer_idx, seq.context_slots).to(q.dtype)  # [L, kv_lora + rope]
+            if absorb:
+                # one shared KV head: keys are the cached rows as they are, values their latent part
+                mask = causal_mask(seq.query_len, seq.context_len, None, q.device)
+                k, v = cached[:, None, :], cached[:, None, : self.kv_lora_rank]
+                out_latent[rows] = attend_few_queries(q_absorbed[rows], k, v, self.scale, mask)
+            else:
+                out[rows] = attend_sequence(q[rows], *self._expand(cached), self.scale, seq, None)
+        if q_absorbed is not None:
+            out += self._unabsorb(out_latent)  # expanded sequences' rows add exact zeros
+        return out
 
     def _expand(self, cached: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached [L, kv_lora + rope] -> keys [L, heads, nope + rope], values [L, heads, v]."""
@@ -65,3 +89,33 @@ class MLAttention(nn.Module):
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         k = torch.cat((k_nope, k_pe[:, None, :].expand(-1, self.num_heads, -1)), dim=-1)
         return k, v
+
+    def _absorbs(self, query_len: int, context_len: int) -> bool:
+        """Whether attending in the latent space takes fewer multiply-adds than expanding the context through
+        kv_b_proj: true for decode tokens, false for prefill chunks of more than ~100 queries."""
+        heads, rank, kv_b_width = self.num_heads, self.kv_lora_rank, self.nope_dim + self.v_dim
+        absorbed = query_len * heads * (kv_b_width * rank + context_len * (2 * rank + self.rope_dim))
+        expanded = context_len * heads * (kv_b_width * rank + query_len * (kv_b_width + self.rope_dim))
+        return absorbed < expanded
+
+    def _absorb_queries(self, q_nope: torch.Tensor) -> torch.Tensor:
+        """q_nope [T, heads, nope] -> [T, heads, kv_lora]: q_nope . (W_UK latent) == (q_nope W_UK) . latent."""
+        w_uk = self._kv_b_weight(q_nope.dtype)[:, : self.nope_dim]  # [heads, nope, kv_lora]
+        return torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)
+
+    def _unabsorb(self, out_latent: torch.Tensor) -> torch.Tensor:
+        """Attention-weighted latents [T, heads, kv_lora] -> values [T, heads, v] through W_UV."""
+        w_uv = self._kv_b_weight(out_latent.dtype)[:, self.nope_dim :]  # [heads, v, kv_lora]
+        return torch.bmm(out_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
+
+    def _kv_b_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """kv_b_proj's weight as [heads, nope + v, kv_lora]. A quantized one is dequantized once and kept in `dtype`
+        (V2-Lite: 16 x 256 x 512, 4 MB a layer in bf16), since absorption reads it whole every step."""
+        proj = self.kv_b_proj
+        if isinstance(proj, nn.Linear):
+            weight = proj.weight
+        else:
+            if self._dequantized_kv_b is None or self._dequantized_kv_b[0] is not proj:
+                self._dequantized_kv_b = (proj, dequantize(proj.weight_q, dtype))
+            weight = self._dequantized_kv_b[1]
+        return weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
