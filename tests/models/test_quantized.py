@@ -13,7 +13,7 @@ import torch
 
 from krasis.common.model_loader import load_model
 from krasis.common.quant.plan import QuantPlan
-from tests.models.harness import teacher_forced_logits
+from tests.models.harness import SingleSequence, relative_error, teacher_forced_logits
 from tests.models.test_exactness import prompt
 from tests.models.test_generation import GREEDY_32, engine, run
 
@@ -23,7 +23,7 @@ BOUNDS = {  # plan -> (max mean KL in nats, min top-1 agreement)
     ("q4", "bf16"): (0.4, 0.5),
 }
 # The Gated DeltaNet fixtures are far sharper still: their state carries every rounding error to all later
-# tokens, and bf16 alone already reaches KL 0.08-0.28, top-1 0.73-0.81 (measured 2026-11-28, qwen3_next-base
+# tokens, and bf16 alone already reaches KL 0.08-0.28, top-1 0.73-0.81 (measured 2026-11-27, qwen3_next-base
 # and qwen3_5_moe-base). Their bounds are relative to the unquantized bf16 model: (KL factor, KL slack, top-1
 # drop). Measured: q8:g32 experts ~1.25x bf16's KL, with dense too ~2.7x (any perturbation of this size lands
 # in 0.1-0.4 nats here); q4 experts ~1.6 nats, top-1 0.25-0.28 (broken: several nats, top-1 ~0.002).
@@ -73,3 +73,15 @@ def test_quantized_greedy_generation_is_deterministic(checkpoint_dirs, tmp_path)
     first = run(engine(model), prompts, GREEDY_32)
     assert run(engine(model), prompts, GREEDY_32) == first
     assert all(len(tokens) == 32 for tokens in first.values())
+
+
+def test_decode_with_quantized_dense_weights_equals_one_pass(checkpoint_dirs, tmp_path):
+    """Token by token, MLA folds the dequantized q8 kv_b_proj into the query; one pass expands the latent through
+    the quantized kernel instead: the logits agree to fp32 rounding."""
+    plan = QuantPlan.parse("q8:g32", "q8:g32")
+    model = load_model(checkpoint_dirs("deepseek_v2-lite"), dtype=torch.float32, quant=plan, cache_root=tmp_path)
+    tokens = prompt(40, model.config.vocab_size, seed=6)
+    whole = teacher_forced_logits(model, tokens)
+    seq = SingleSequence(model, len(tokens))
+    stepwise = torch.cat([seq.feed(tokens[:8])] + [seq.feed([t]) for t in tokens[8:]])
+    assert relative_error(stepwise, whole) <= 1e-4
