@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -10,23 +11,34 @@ class KVCacheFull(RuntimeError):
 
 
 class PageAllocator:
-    """Free list of KV page ids."""
+    """Free KV page ids, handed out as one run of consecutive pages where one is free.
+
+    A sequence on consecutive pages reads its context as a view of the cache (`KVCache.context`) and hands
+    its KV off in one copy a layer; a fragmented pool still works, through gathers.
+    """
 
     def __init__(self, num_pages: int):
         self.num_pages = num_pages
-        self._free = list(range(num_pages - 1, -1, -1))
+        self._free = np.arange(num_pages, dtype=np.int64)  # sorted ascending
 
     @property
     def num_free(self) -> int:
         return len(self._free)
 
     def allocate(self, count: int) -> list[int]:
-        if count > len(self._free):
-            raise KVCacheFull(f"need {count} KV pages, {len(self._free)} free of {self.num_pages}")
-        return [self._free.pop() for _ in range(count)]
+        free = self._free
+        if count > len(free):
+            raise KVCacheFull(f"need {count} KV pages, {len(free)} free of {self.num_pages}")
+        if count == 0:
+            return []
+        runs = np.flatnonzero(free[count - 1 :] - free[: len(free) - count + 1] == count - 1)
+        start = int(runs[0]) if len(runs) else 0  # the first run of `count`, else the lowest free pages
+        taken = free[start : start + count] if len(runs) else free[:count]
+        self._free = np.delete(free, np.arange(start, start + count))
+        return taken.tolist()
 
     def free(self, pages: list[int]) -> None:
-        self._free.extend(reversed(pages))
+        self._free = np.sort(np.concatenate([self._free, np.asarray(pages, dtype=np.int64)]))
 
 
 class KVCache:
