@@ -1,5 +1,6 @@
 """Paged KV storage and the per-step view of which tokens go where (`ForwardBatch`)."""
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -132,3 +133,15 @@ class ForwardBatch:
     @property
     def last_token_indices(self) -> torch.Tensor:
         return torch.tensor([s.query_start + s.query_len - 1 for s in self.seqs], device=self.positions.device)
+
+    @functools.cached_property
+    def single_token_decodes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sequences adding one token to a cached context, for layers that step their state rows together:
+        (their rows of the flat batch [B], their state slots [B]). Built once a step, shared by every layer."""
+        decoding = [seq for seq in self.seqs if seq.num_cached > 0 and seq.query_len == 1]
+        if any(seq.state_slot is None or not 0 <= seq.state_slot < self.kv.num_state_slots for seq in decoding):
+            raise ValueError(f"a decoding sequence has no valid state slot (0..{self.kv.num_state_slots - 1})")
+        device = self.positions.device
+        rows = torch.tensor([seq.query_start for seq in decoding], dtype=torch.long, device=device)
+        slots = torch.tensor([seq.state_slot for seq in decoding], dtype=torch.long, device=device)
+        return rows, slots

@@ -59,6 +59,13 @@ def check_page_table(page_table: list[int], num_tokens: int, kv: KVCache) -> Non
         raise ValueError(f"{len(page_table)} KV pages cannot hold {num_tokens} tokens of {kv.page_size} a page")
 
 
+def check_state_slot(state_slot: int | None, has_state: bool, kv: KVCache) -> None:
+    """ValueError unless a model with per-sequence state is given a state slot of the pool (others ignore it)."""
+    if has_state and not (state_slot is not None and 0 <= state_slot < kv.num_state_slots):
+        raise ValueError(f"this model keeps per-sequence state: it needs a state slot in 0..{kv.num_state_slots - 1}, "
+                         f"got {state_slot}")  # fmt: skip
+
+
 def schedule(running: list[Sequence], budget: int) -> Plan:
     """Every decoding sequence (one new token), then prefill chunks, within `budget` new tokens."""
     plan = []

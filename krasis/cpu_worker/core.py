@@ -9,6 +9,7 @@ from krasis.common.sequence_state import (
     Sequence,
     append_token,
     check_page_table,
+    check_state_slot,
     check_prompt,
     forward_batch,
     reserved_tokens,
@@ -78,9 +79,7 @@ class CpuDecodeCore:
             raise ValueError(f"request {h.request_id!r} is already decoding")
         # KV is written up to the token before the last one the sequence may ever hold
         check_page_table(h.page_table, reserved_tokens(len(prompt), h.sampling, self.max_context) - 1, self.kv)
-        if self.has_state and not (h.state_slot is not None and 0 <= h.state_slot < self.kv.num_state_slots):
-            raise ValueError(f"hand-off {h.request_id!r} needs a state slot in 0..{self.kv.num_state_slots - 1}, "
-                             f"got {h.state_slot}")  # fmt: skip
+        check_state_slot(h.state_slot, self.has_state, self.kv)
         sampler = SequenceSampler(h.sampling, prompt, self.vocab_size, output)
         return Sequence(h.request_id, list(h.token_ids), len(prompt), h.sampling, sampler, list(h.page_table),
                         num_cached=len(h.token_ids) - 1, state_slot=h.state_slot)  # fmt: skip

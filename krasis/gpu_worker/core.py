@@ -13,6 +13,7 @@ from krasis.common.sequence_state import (
     Sequence,
     append_token,
     check_page_table,
+    check_state_slot,
     check_prompt,
     forward_batch,
     row_logprobs,
@@ -73,7 +74,7 @@ class GpuPrefillCore:
         prompt = list(request.prompt_ids)
         check_prompt(prompt, self.vocab_size, self.max_context)
         check_page_table(request.page_table, len(prompt), self.kv)
-        self._check_state_slot(request.state_slot)
+        check_state_slot(request.state_slot, self.has_state, self.kv)
         if any(s.request_id == request.request_id for s in self.waiting + self.running):
             raise ValueError(f"request {request.request_id!r} is already prefilling")
         if self.runner is not None and len(prompt) > self.step_tokens:
@@ -88,11 +89,6 @@ class GpuPrefillCore:
         seq = Sequence(request.request_id, prompt, len(prompt), params, sampler, list(request.page_table),
                        state_slot=request.state_slot)
         self.waiting.append(seq)
-
-    def _check_state_slot(self, state_slot: int | None) -> None:
-        if self.has_state and not (state_slot is not None and 0 <= state_slot < self.kv.num_state_slots):
-            raise ValueError(f"this model keeps per-sequence state: the request needs a state slot in "
-                             f"0..{self.kv.num_state_slots - 1}, got {state_slot}")  # fmt: skip
 
     def abort(self, request_id: str) -> None:
         """Forget a sequence: no token or hand-off for it after this. Its pool pages stay the scheduler's."""

@@ -119,15 +119,21 @@ def test_32_concurrent_streams_all_complete_with_the_same_tokens(servers, expect
         assert text == expected[prompt]["text"] and reasons == ["length"]
 
 
-@pytest.mark.parametrize("cpu_workers,title", [(2, "krasis::cpu-decode-1"), (1, "krasis::gpu-prefill-0")])
-def test_killing_a_worker_mid_stream_errors_then_the_restarted_worker_serves(servers, expected, cpu_workers, title):
-    server = servers(cpu_workers)
+def long_stream_under_way(server):
+    """(client, chunk iterator) of a 230-token greedy stream whose first chunk has arrived."""
     client = openai_client(server)
-    victim = worker_pids(server)[title]
     stream = client.completions.create(model=model_name(client), prompt=PROMPTS[0], max_tokens=230, temperature=0,
                                        stream=True, extra_body={"ignore_eos": True})  # fmt: skip
     chunks = iter(stream)
     next(chunks)
+    return client, chunks
+
+
+@pytest.mark.parametrize("cpu_workers,title", [(2, "krasis::cpu-decode-1"), (1, "krasis::gpu-prefill-0")])
+def test_killing_a_worker_mid_stream_errors_then_the_restarted_worker_serves(servers, expected, cpu_workers, title):
+    server = servers(cpu_workers)
+    victim = worker_pids(server)[title]
+    client, chunks = long_stream_under_way(server)
     os.kill(victim, signal.SIGKILL)
     killed_at, finish = time.monotonic(), None
     with pytest.raises(Exception) as failure:  # the SSE error event: openai raises APIError from the stream
@@ -147,12 +153,8 @@ def test_killing_a_worker_mid_stream_errors_then_the_restarted_worker_serves(ser
 @pytest.mark.parametrize("cpu_workers,title", [(1, "krasis::cpu-decode-0"), (2, "krasis::cpu-decode-1")])
 def test_a_stopped_worker_is_found_hung_its_stream_errors_and_it_is_restarted(servers, expected, cpu_workers, title):
     server = servers(cpu_workers)
-    client = openai_client(server)
     victim = worker_pids(server)[title]
-    stream = client.completions.create(model=model_name(client), prompt=PROMPTS[0], max_tokens=230, temperature=0,
-                                       stream=True, extra_body={"ignore_eos": True})  # fmt: skip
-    chunks = iter(stream)
-    next(chunks)
+    client, chunks = long_stream_under_way(server)
     os.kill(victim, signal.SIGSTOP)  # alive to the supervisor, silent to the heartbeat monitor
     stopped_at = time.monotonic()
     with pytest.raises(Exception) as failure:

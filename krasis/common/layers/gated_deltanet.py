@@ -75,21 +75,19 @@ class GatedDeltaNet(nn.Module):
         out = x.new_empty(tokens, self.num_v_heads, self.head_v_dim)
         states = batch.kv.states[self.layer_idx]
         # one cached token per sequence (decode): all such sequences in one batched step, as the reference steps them
-        decoding = [seq for seq in batch.seqs if seq.num_cached > 0 and seq.query_len == 1]
-        if decoding:
-            rows = torch.tensor([seq.query_start for seq in decoding], device=x.device)
-            out[rows] = self._decode(mixed[rows], g[rows], beta[rows], states, decoding)
+        rows, slots = batch.single_token_decodes
+        if rows.numel():
+            out[rows] = self._decode(mixed[rows], g[rows], beta[rows], states, slots.to(states.device))
         for rows, seq in per_sequence(batch):
             if seq.num_cached == 0 or seq.query_len > 1:
                 out[rows] = self._sequence(mixed[rows], g[rows], beta[rows], states, seq)
         out = self.norm(out.view(-1, self.head_v_dim), z.reshape(-1, self.head_v_dim))
         return self.out_proj(out.view(tokens, -1))
 
-    def _decode(self, mixed, g, beta, states: torch.Tensor, seqs: list[SequenceSlice]) -> torch.Tensor:
-        """One new token of each of B cached sequences, from and back to their state rows. mixed: [B, conv_dim]
-        -> [B, Hv, Dv]."""
-        slots = torch.tensor([self._state_slot(states, seq) for seq in seqs], device=states.device)
-        conv_width, count = self.conv_dim * (self.kernel - 1), len(seqs)
+    def _decode(self, mixed, g, beta, states: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """One new token of each of B cached sequences, from and back to their state rows `slots` [B].
+        mixed: [B, conv_dim] -> [B, Hv, Dv]."""
+        conv_width, count = self.conv_dim * (self.kernel - 1), slots.numel()
         # gathered copies, each contiguous: the delta rule updates the recurrent states in place
         conv_state = states[slots, :conv_width].view(count, self.conv_dim, self.kernel - 1)
         recurrent = states[slots, conv_width:].view(count, self.num_v_heads, self.head_k_dim, self.head_v_dim)

@@ -75,3 +75,12 @@ class GQAttention(nn.Module):
             return self.q_proj(x).view(x.shape[0], self.num_heads, self.head_dim), None
         q, gate = self.q_proj(x).view(x.shape[0], self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
         return q, gate.reshape(x.shape[0], -1)
+
+
+def qk_norm_attention(cfg, layer_idx: int, rotary: RotaryEmbedding, **options) -> GQAttention:
+    """GQA with per-head q/k RMSNorm from a Qwen3-family config (heads, head_dim, attention_bias, rms_norm_eps);
+    `options`: what differs between the models (sliding_window, output_gate, norm_class)."""
+    return GQAttention(
+        layer_idx, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, rotary,
+        bias=cfg.attention_bias, qk_norm_eps=cfg.rms_norm_eps, **options,
+    )  # fmt: skip

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from krasis.common.layers.gqa import GQAttention
+from krasis.common.layers.gqa import qk_norm_attention
 from krasis.common.layers.mlp import GatedMLP
 from krasis.common.layers.moe import StackedExperts, softmax_topk
 from krasis.common.layers.rotary import RotaryEmbedding
@@ -84,17 +84,7 @@ class Qwen3MoeSparseMoeBlock(nn.Module):
 
 
 def qwen3_moe_decoder_layer(cfg: Qwen3MoeConfig, layer_idx: int, rotary: RotaryEmbedding) -> PreNormDecoderLayer:
-    attn = GQAttention(
-        layer_idx,
-        cfg.hidden_size,
-        cfg.num_attention_heads,
-        cfg.num_key_value_heads,
-        cfg.head_dim,
-        rotary,
-        bias=cfg.attention_bias,
-        qk_norm_eps=cfg.rms_norm_eps,
-        sliding_window=cfg.sliding_window,
-    )
+    attn = qk_norm_attention(cfg, layer_idx, rotary, sliding_window=cfg.sliding_window)
     if cfg.is_sparse_layer(layer_idx):
         mlp = Qwen3MoeSparseMoeBlock(cfg)
     else:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from krasis.common.layers.gated_deltanet import GatedDeltaNet
-from krasis.common.layers.gqa import GQAttention
+from krasis.common.layers.gqa import qk_norm_attention
 from krasis.common.layers.mlp import GatedMLP
 from krasis.common.layers.moe import StackedExperts, softmax_topk
 from krasis.common.layers.norm import ZeroCenteredRMSNorm
@@ -130,18 +130,7 @@ def hybrid_mixer(cfg: Qwen3NextConfig, layer_idx: int, rotary: RotaryEmbedding, 
     """The layer's token mixer: Gated DeltaNet, or attention with q/k norm and a sigmoid output gate."""
     if cfg.layer_types[layer_idx] == "linear_attention":
         return deltanet_class(layer_idx, cfg)
-    return GQAttention(
-        layer_idx,
-        cfg.hidden_size,
-        cfg.num_attention_heads,
-        cfg.num_key_value_heads,
-        cfg.head_dim,
-        rotary,
-        bias=cfg.attention_bias,
-        qk_norm_eps=cfg.rms_norm_eps,
-        output_gate=True,
-        norm_class=ZeroCenteredRMSNorm,
-    )
+    return qk_norm_attention(cfg, layer_idx, rotary, output_gate=True, norm_class=ZeroCenteredRMSNorm)
 
 
 def hybrid_decoder_layer(
