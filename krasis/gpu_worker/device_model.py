@@ -6,7 +6,7 @@ StackedExperts is replaced, whatever the architecture."""
 import torch
 from torch import nn
 
-from krasis.common.kernels.gpu.moe import dequant_scratch_bytes, moe_experts
+from krasis.common.kernels.gpu.moe import moe_experts
 from krasis.common.layers.moe import StackedExperts
 from krasis.common.quant.formats import QuantizedWeight, dequantize
 from krasis.common.quant.modules import QuantLinear
@@ -152,13 +152,10 @@ def activation_shape(model, kv_dtype_bytes: int | None = None) -> ActivationShap
     expanded = heads * (qk_dim + v_dim) * d + (heads * (qk_dim - getattr(cfg, "qk_rope_head_dim", 0) + v_dim) * d
                                                if getattr(cfg, "kv_lora_rank", None) else 0)  # fmt: skip
     experts = list(_experts_modules(model).values())
-    scratch = 0
-    if experts and experts[0].quantized:
-        scratch = dequant_scratch_bytes(experts[0].quantized["gate_up_proj"].shape, d)
     return ActivationShape(
         hidden_size=cfg.hidden_size, top_k=getattr(cfg, "num_experts_per_tok", 0) if experts else 0,
         expert_width=experts[0].intermediate_size if experts else getattr(cfg, "intermediate_size", cfg.hidden_size),
         num_heads=heads, attn_bytes_per_context_token=kv_width * d + expanded,
-        layer_kv_bytes_per_token=kv_width * (kv_dtype_bytes or d), dtype_bytes=d, dequant_block_bytes=scratch,
+        layer_kv_bytes_per_token=kv_width * (kv_dtype_bytes or d), dtype_bytes=d, num_experts=experts[0].num_experts if experts else 0,
         state_bytes_per_seq=4 * sum(model.state_widths),
     )  # fmt: skip

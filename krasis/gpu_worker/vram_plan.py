@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 GiB = 1 << 30
 BUFFER_ALIGN = 256  # every tensor inside a streaming buffer starts on this boundary
 STAGING_ROW_ALIGN = 256  # KV staging rows are planned in these steps (covers the page rounding of each prompt)
-MIN_CHUNK_TOKENS = 256  # the planner halves the prefill chunk down to this before giving up
+MIN_CHUNK_TOKENS = 256
+FUSED_BLOCK_ROWS = 128  # the tallest row block of the fused expert kernels (krasis.common.kernels.gpu.fused_moe)  # the planner halves the prefill chunk down to this before giving up
 DEFAULT_STATE_SLOTS = 4  # sequences a prefill step carries state for (models with linear attention)
 
 
@@ -47,7 +48,7 @@ class ActivationShape:
     attn_bytes_per_context_token: int  # the context as attention reads and expands it (MLA: latent -> K, V)
     layer_kv_bytes_per_token: int  # one token's KV in the widest layer (the per-layer KV staging)
     dtype_bytes: int = 2
-    dequant_block_bytes: int = 0  # bf16 scratch the expert kernels dequantize into (0: not quantized)
+    num_experts: int = 0  # routed experts of a layer (their row padding in the fused expert kernels)
     state_bytes_per_seq: int = 0  # fp32 state rows of one sequence over all layers (linear attention)
 
     def chunk_bytes(self, chunk: int, context: int) -> int:
@@ -57,10 +58,11 @@ class ActivationShape:
         io = chunk * h * (4 * d + 8)  # x rows, norm output, mixer output, residual; the norms' fp32 copies
         attention = context * self.attn_bytes_per_context_token + 4 * chunk * self.num_heads * 256 * d
         rows = chunk * self.top_k
-        # sorted x, ids, fp32 sum; then per block of experts (worst case: every row in one block) the gate/up
-        # output, activation, down output and its fp32 weighted copy, and the block's dequantized weights
-        moe = rows * (h * d + 24) + chunk * h * 4 + rows * (4 * self.expert_width * d + h * (d + 8))
-        return io + max(attention, moe + self.dequant_block_bytes * bool(rows))
+        # router scores and ids; the fused expert kernels' padded rows (pair index, expert of each block, the
+        # activation h), each pair's output row, the weighted sum; the routing's sort and index temporaries
+        padded = rows + min(self.num_experts, rows) * (FUSED_BLOCK_ROWS - 1)
+        moe = chunk * self.num_experts * 8 + padded * (self.expert_width * d + 12) + rows * (h * d + 48) + chunk * h * d
+        return io + max(attention, moe)
 
     def step_bytes(self, step_tokens: int, chunk: int, state_slots: int) -> int:
         """Bytes held for a whole step: the hidden states of every token, two per-layer KV staging buffers and the

@@ -1,6 +1,7 @@
-"""Routed experts at prefill sizes: tokens sorted by expert on the device, then one grouped bf16 GEMM per
-projection over each block of experts (torch._grouped_mm on sm90+, one GEMM per expert elsewhere), with
-q4/q8 weights dequantized a block at a time into a bf16 scratch buffer.
+"""Routed experts at prefill sizes. On CUDA with bf16 activations, `fused_moe`'s Triton kernels read q4/q8/bf16
+weights as stored. Otherwise (fp32 models, the CPU tests of the device path, no Triton): tokens sorted by expert,
+then one grouped GEMM per projection over each block of experts (torch._grouped_mm on sm90+, one GEMM per expert
+elsewhere), with q4/q8 weights dequantized a block at a time into a scratch buffer.
 
 Weights are [E, 2I, H] (gate rows then up rows) and [E, H, I], either float tensors or QuantizedWeights."""
 
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from krasis.common.kernels.gpu.dequant import dequantize_into
+from krasis.common.kernels.gpu.fused_moe import fused_available, fused_experts
 from krasis.common.layers.mlp import activation
 from krasis.common.quant.cpu_kernels import quant_experts
 from krasis.common.quant.formats import QuantizedWeight
@@ -26,18 +28,14 @@ def experts_per_block(gate_up_shape, dtype_bytes: int = 2, block_bytes: int = DE
     return max(1, min(num_experts, block_bytes // per_expert))
 
 
-def dequant_scratch_bytes(gate_up_shape, dtype_bytes: int = 2) -> int:
-    """The scratch `grouped_experts` allocates for quantized weights of this shape."""
-    _, two_inter, hidden = gate_up_shape
-    return experts_per_block(gate_up_shape, dtype_bytes) * 3 * (two_inter // 2) * hidden * dtype_bytes
-
-
 def moe_experts(x, gate_up, down, topk_ids, topk_weights, act: str = "silu") -> torch.Tensor:
     """x: [T, H]; topk_*: [T, k] -> [T, H] in x.dtype. On the CPU exactly what StackedExperts computes."""
     if x.device.type == "cpu":
         if isinstance(gate_up, QuantizedWeight):
             return quant_experts(x, gate_up, down, topk_ids, topk_weights, act)
         return reference_experts(x, gate_up, down, topk_ids, topk_weights, act)
+    if fused_available(x, gate_up, act):
+        return fused_experts(x, gate_up, down, topk_ids, topk_weights)
     return grouped_experts(x, gate_up, down, topk_ids, topk_weights, act)
 
 

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One call on the lent GPU machine for GPU prefill work: the GPU tests, the expert kernels, a profile of a few
+# resident layers and streamed-vs-resident prefill on a V2-Lite cut. Each step is time-boxed and logged under
+# $OUT; a short summary prints last. STEPS (default all) picks some: STEPS="tests kernels" bash bench/device_prefill.sh
+set -uo pipefail
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 KRASIS_HOME=/tmp/krasis-home
+OUT="${OUT:-/tmp/krasis-out}"
+STEPS="${STEPS:-tests kernels kernels_next profile prefill}"
+
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/machine.txt" 2>&1
+step() {  # step NAME SECONDS COMMAND...
+  local name=$1 seconds=$2; shift 2
+  [[ " $STEPS " == *" $name "* ]] || return 0
+  local start=$SECONDS
+  timeout "$seconds" "$@" > "$OUT/$name.txt" 2>&1
+  echo "$name: rc=$? in $((SECONDS - start)) s" >> "$OUT/summary.txt"
+}
+step tests 240 python3 -m pytest tests/gpu -q -x -p no:cacheprovider
+step kernels 240 python3 bench/moe_kernels.py --shape v2-lite --tokens 2048 8192 --sweep ${SWEEP:-q4}
+step kernels_next 60 python3 bench/moe_kernels.py --shape qwen3-next --tokens 8192
+step bench27 330 python3 -c "from krasis.ctl.main import cli; cli()" bench --preset deepseek-v2-lite --device cuda --quant q4 --vram-budget ${BUDGET:-4} \
+  --threads 16 --prompt-tokens 8K,32K --decode-context 0.5K --decode-tokens 16 --json "$OUT/bench-v2lite-q4.json"
+step profile 120 python3 bench/prefill_profile.py --layers 4 --tokens 8192 --chunk 8192
+step prefill 180 python3 bench/gpu_prefill.py --layers 12 --quant q4 --budget 4 --tokens 8192 --chunk 8192
+cat "$OUT/machine.txt" "$OUT/summary.txt"
+[ -f "$OUT/tests.txt" ] && tail -15 "$OUT/tests.txt"
+[ -f "$OUT/kernels.txt" ] && cat "$OUT/kernels.txt"; [ -f "$OUT/kernels_next.txt" ] && cat "$OUT/kernels_next.txt"
+[ -f "$OUT/profile.txt" ] && head -40 "$OUT/profile.txt"
+[ -f "$OUT/prefill.txt" ] && tail -12 "$OUT/prefill.txt"
+[ -f "$OUT/bench27.txt" ] && grep -v "it/s\]" "$OUT/bench27.txt" | tail -40

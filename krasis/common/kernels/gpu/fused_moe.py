@@ -1,0 +1,265 @@
+"""Routed experts at prefill sizes straight from q4/q8/bf16 weights as stored: two Triton GEMM kernels that
+dequantize weight tiles in registers (no bf16 copy of the experts, no scratch), with the routing done on the
+device (no host sync, so the host keeps enqueueing while the GPU works).
+
+1. `align_by_expert`: the token x slot pairs sorted by expert, each expert's rows padded to a multiple of
+   BLOCK_M, so every row block of BLOCK_M rows belongs to one expert;
+2. gate/up kernel: h = act(x W_gate^T) * (x W_up^T) for each padded row (x rows gathered by token), [R, I];
+3. down kernel: y = h W_down^T for each pair, written unpadded in pair order (token * k + slot), [T * k, H];
+4. sum kernel: out[t] = sum over slots of y[t, s] * weight[t, s] in fp32, rounded once to the output dtype.
+
+Rounding follows StackedExperts: the GEMM outputs, the activation and the gated product are rounded to bf16 as
+torch's bf16 ops round them; weights are q * scale exactly, rounded once to bf16 as `dequantize` does. A token's
+slots are summed in slot order (the reference sums in expert order): within bf16 tolerance of the reference, and
+deterministic, so a streamed and a resident run give the same bits.
+"""
+
+
+import torch
+
+from krasis.common.quant.formats import QuantizedWeight
+
+ACTIVATIONS = ("silu", "swish")  # the gated activations the kernel computes in place; others take the grouped path
+
+
+def fused_available(x: torch.Tensor, gate_up, act: str) -> bool:
+    """Whether `fused_experts` runs for these inputs (CUDA, bf16 activations, Triton present)."""
+    return x.is_cuda and x.dtype == torch.bfloat16 and act in ACTIVATIONS and triton is not None and (
+        isinstance(gate_up, QuantizedWeight) or gate_up.dtype == torch.bfloat16)  # fmt: skip
+
+
+def block_rows(pairs: int, num_experts: int) -> int:
+    """Rows of one block (one expert's tile height): large enough to feed the tensor cores, small enough that the
+    padding of each expert's last block stays a small share of its rows."""
+    average = pairs / max(1, num_experts)
+    return 128 if average >= 384 else 64 if average >= 96 else 32 if average >= 32 else 16
+
+
+def scratch_bytes(tokens: int, top_k: int, num_experts: int, hidden: int, inter: int, dtype_bytes: int = 2) -> int:
+    """Device memory `fused_experts` allocates for a chunk of `tokens` (the VRAM plan counts it)."""
+    pairs = tokens * top_k
+    capacity = _capacity(pairs, num_experts, block_rows(pairs, num_experts))
+    return capacity * (inter * dtype_bytes + 12) + pairs * (hidden * dtype_bytes + 24) + tokens * hidden * dtype_bytes
+
+
+def _capacity(pairs: int, num_experts: int, block_m: int) -> int:
+    """Padded rows in the worst case: every used expert's last block nearly empty."""
+    padded = pairs + min(num_experts, pairs) * (block_m - 1)
+    return -(-padded // block_m) * block_m
+
+
+def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """topk_ids [T, k] -> (rows [R] int32: the pair (token * k + slot) at each padded row, T * k at padding;
+    block_expert [R / block_m] int32: each block's expert, num_experts for blocks past the last). Device ops only."""
+    flat = topk_ids.reshape(-1)
+    pairs, device = flat.numel(), flat.device
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=device).scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded_ends = padded.cumsum(0)
+    order = torch.argsort(flat, stable=True)  # pairs by expert, tokens ascending within one
+    expert = flat.index_select(0, order)
+    first = counts.cumsum(0) - counts  # each expert's first sorted pair
+    dest = (padded_ends - padded).index_select(0, expert) + torch.arange(pairs, device=device) - first.index_select(0, expert)
+    capacity = _capacity(pairs, num_experts, block_m)
+    rows = torch.full((capacity,), pairs, dtype=torch.int32, device=device)
+    rows.index_copy_(0, dest, order.to(torch.int32))
+    starts = torch.arange(0, capacity, block_m, device=device)
+    block_expert = torch.searchsorted(padded_ends, starts, right=True).to(torch.int32)
+    return rows, block_expert
+
+
+def fused_experts(x: torch.Tensor, gate_up, down, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                  tiles: dict | None = None) -> torch.Tensor:  # fmt: skip
+    """x: [T, H] bf16 on CUDA; gate_up [E, 2I, H] and down [E, H, I] (QuantizedWeight or bf16); topk_* [T, k]
+    -> [T, H] bf16: sum over k of weight * down(silu(gate(x)) * up(x)) of each selected expert. `tiles` overrides
+    `pick_tiles` ({"gate_up": (BLOCK_N, BLOCK_K, warps, stages), "down": ...}: the benchmark's sweep)."""
+    tokens, hidden = x.shape
+    num_experts, two_inter, _ = gate_up.shape
+    inter, top_k = two_inter // 2, topk_ids.shape[1]
+    pairs = tokens * top_k
+    block_m = block_rows(pairs, num_experts)
+    rows, block_expert = align_by_expert(topk_ids, num_experts, block_m)
+    x = x.contiguous()
+    h = torch.empty(rows.numel(), inter, dtype=x.dtype, device=x.device)
+    y = torch.empty(pairs, hidden, dtype=x.dtype, device=x.device)
+    out = torch.empty(tokens, hidden, dtype=x.dtype, device=x.device)
+    blocks = block_expert.numel()
+    fmt, group = _format(gate_up), _group(gate_up, hidden)
+    n, k, warps, stages = (tiles or {}).get("gate_up") or pick_tiles("gate_up", fmt, group, hidden, block_m)
+    _gate_up[(blocks, triton_cdiv(inter, n))](
+        x, *_operands(gate_up), rows, block_expert, h, pairs, top_k, num_experts, hidden, inter, FORMAT=fmt,
+        GROUP=group, BLOCK_M=block_m, BLOCK_N=n, BLOCK_K=k, num_warps=warps, num_stages=stages)  # fmt: skip
+    fmt, group = _format(down), _group(down, inter)
+    n, k, warps, stages = (tiles or {}).get("down") or pick_tiles("down", fmt, group, inter, block_m)
+    _down[(blocks, triton_cdiv(hidden, n))](
+        h, *_operands(down), rows, block_expert, y, pairs, num_experts, inter, hidden, FORMAT=fmt, GROUP=group,
+        BLOCK_M=block_m, BLOCK_N=n, BLOCK_K=k, num_warps=warps, num_stages=stages)  # fmt: skip
+    weights = topk_weights.reshape(-1).float().contiguous()
+    _weighted_sum[(tokens, triton_cdiv(hidden, SUM_BLOCK))](y, weights, out, hidden, TOP_K=top_k, BLOCK_H=SUM_BLOCK)
+    return out
+
+
+def pick_tiles(kernel: str, fmt: str, group: int, k: int, block_m: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, warps, pipeline stages) of a kernel over a K-wide weight: a q8 tile inside one scale group,
+    a q4 tile one or two whole groups (K a multiple of it, so q4 tiles need no column mask)."""
+    n, block_k, warps, stages = TILES[kernel]["bf16" if fmt == "bf16" else "quantized"][block_m >= 64]
+    if fmt == "q8":
+        while group % block_k:
+            block_k //= 2
+    elif fmt == "q4":
+        block_k = 2 * group if block_k >= 2 * group and k % (2 * group) == 0 else group
+    return n, block_k, warps, stages
+
+
+def tiles_valid(fmt: str, group: int, k: int, block_k: int) -> bool:
+    """Whether a BLOCK_K suits the kernels for this format (see pick_tiles)."""
+    if fmt == "q8":
+        return group % block_k == 0
+    if fmt == "q4":
+        return block_k in (group, 2 * group) and k % block_k == 0
+    return True
+
+
+SUM_BLOCK = 1024
+# (BLOCK_N, BLOCK_K, warps, stages) by kernel, then bf16 or quantized weights, then row blocks of < 64 or >= 64
+# rows: the fastest of bench/moe_kernels.py --sweep on an H100 (2026-11-27), V2-Lite shape, 2K and 8K tokens
+TILES = {
+    "gate_up": {"bf16": ((64, 64, 4, 4), (128, 64, 8, 3)), "quantized": ((64, 64, 4, 4), (64, 64, 4, 3))},
+    "down": {"bf16": ((64, 64, 4, 4), (256, 64, 8, 3)), "quantized": ((64, 64, 4, 4), (128, 64, 8, 3))},
+}
+
+
+def _operands(weight) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, scales) as the kernels take them; a bf16 weight passes itself as its (unread) scales."""
+    if isinstance(weight, QuantizedWeight):
+        return weight.qweight, weight.scales
+    return weight.contiguous(), weight
+
+
+def _format(weight) -> str:
+    return weight.spec.format if isinstance(weight, QuantizedWeight) else "bf16"
+
+
+def _group(weight, k: int) -> int:
+    return weight.spec.group_for(k) if isinstance(weight, QuantizedWeight) else k
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU-only install: fused_available() says no
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def weight_tile(q_ptr, s_ptr, row0, n, n_mask, k0, K, FORMAT: tl.constexpr, GROUP: tl.constexpr,
+                    BLOCK_K: tl.constexpr):  # fmt: skip
+        """q8 or bf16: rows row0 + n of a [rows, K] weight, columns k0 .. k0 + BLOCK_K, transposed: [BLOCK_K, BLOCK_N]
+        bf16, q * scale rounded once; a q8 tile lies inside one scale group (pick_tiles): one scale per row."""
+        row = row0 + n[None, :].to(tl.int64)
+        kk = k0 + tl.arange(0, BLOCK_K)
+        mask = (kk < K)[:, None] & n_mask[None, :]
+        if FORMAT == "bf16":
+            w = tl.load(q_ptr + row * K + kk[:, None], mask=mask, other=0.0)
+        else:
+            scale = tl.load(s_ptr + row * (K // GROUP) + k0 // GROUP, mask=n_mask[None, :], other=0.0).to(tl.float32)
+            w = (tl.load(q_ptr + row * K + kk[:, None], mask=mask, other=0).to(tl.float32) * scale).to(tl.bfloat16)
+        return w
+
+    @triton.jit
+    def q4_tile(q_ptr, s_ptr, row0, n, n_mask, k0, K, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+        """q4: rows row0 + n of a [rows, K] weight, columns k0 .. k0 + BLOCK_K, transposed: [BLOCK_K, BLOCK_N] bf16.
+        One load per byte; a nibble becomes the bf16 128 + v by setting exponent bits (0x4300 | v: no integer to float
+        conversion), minus 136 gives q exactly, and q * scale (exact in fp32) is rounded once, as `dequantize` does. BLOCK_K is
+        one or two scale groups (pick_tiles); K is a multiple of it."""
+        row = row0 + n[None, :].to(tl.int64)
+        j = tl.arange(0, BLOCK_K // 2)
+        byte = tl.load(q_ptr + row * (K // 2) + (k0 // 2 + j)[:, None], mask=n_mask[None, :], other=136)
+        scales = s_ptr + row * (K // GROUP) + k0 // GROUP
+        scale = tl.load(scales, mask=n_mask[None, :], other=0.0)
+        if BLOCK_K > GROUP:
+            scale = tl.where((j < GROUP // 2)[:, None], scale, tl.load(scales + 1, mask=n_mask[None, :], other=0.0))
+        byte = byte.to(tl.uint16)
+        low = ((byte & 15) | 0x4300).to(tl.bfloat16, bitcast=True)
+        high = ((byte >> 4) | 0x4300).to(tl.bfloat16, bitcast=True)
+        scale = scale.to(tl.float32)
+        low = ((low.to(tl.float32) - 136.0) * scale).to(tl.bfloat16)
+        high = ((high.to(tl.float32) - 136.0) * scale).to(tl.bfloat16)
+        pair = tl.join(low, high)  # [BLOCK_K / 2, BLOCK_N, 2]: columns 2j and 2j + 1 side by side
+        return tl.reshape(tl.permute(pair, (0, 2, 1)), (BLOCK_K, pair.shape[1]))
+
+    @triton.jit
+    def _gate_up(x_ptr, q_ptr, s_ptr, rows_ptr, block_expert_ptr, h_ptr, pairs, top_k, num_experts, K, N,
+                 FORMAT: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):  # fmt: skip
+        # x [T, K]; weight [E, 2N, K] (gate rows, then up rows); h [R, N] = silu(x W_gate^T) * (x W_up^T)
+        expert = tl.load(block_expert_ptr + tl.program_id(0))
+        if expert >= num_experts:
+            return
+        m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        pair = tl.load(rows_ptr + m)
+        token = (pair // top_k).to(tl.int64)
+        valid = pair < pairs
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = n < N
+        gate_row0 = expert.to(tl.int64) * 2 * N
+        acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(x_ptr + token[:, None] * K + kk[None, :], mask=valid[:, None] & (kk < K)[None, :], other=0.0)
+            if FORMAT == "q4":
+                w_gate = q4_tile(q_ptr, s_ptr, gate_row0, n, n_mask, k0, K, GROUP, BLOCK_K)
+                w_up = q4_tile(q_ptr, s_ptr, gate_row0 + N, n, n_mask, k0, K, GROUP, BLOCK_K)
+            else:
+                w_gate = weight_tile(q_ptr, s_ptr, gate_row0, n, n_mask, k0, K, FORMAT, GROUP, BLOCK_K)
+                w_up = weight_tile(q_ptr, s_ptr, gate_row0 + N, n, n_mask, k0, K, FORMAT, GROUP, BLOCK_K)
+            acc_gate = tl.dot(a, w_gate, acc_gate)
+            acc_up = tl.dot(a, w_up, acc_up)
+        gate = acc_gate.to(tl.bfloat16).to(tl.float32)
+        act = (gate / (1.0 + tl.exp(-gate))).to(tl.bfloat16).to(tl.float32)
+        h = (act * acc_up.to(tl.bfloat16).to(tl.float32)).to(tl.bfloat16)
+        tl.store(h_ptr + m[:, None].to(tl.int64) * N + n[None, :], h, mask=n_mask[None, :])
+
+    @triton.jit
+    def _down(h_ptr, q_ptr, s_ptr, rows_ptr, block_expert_ptr, y_ptr, pairs, num_experts, K, N,
+              FORMAT: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr):  # fmt: skip
+        # h [R, K] (padded rows); weight [E, N, K]; y [pairs, N] = h W^T, each row at its pair
+        expert = tl.load(block_expert_ptr + tl.program_id(0))
+        if expert >= num_experts:
+            return
+        m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        pair = tl.load(rows_ptr + m)
+        valid = pair < pairs
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = n < N
+        row0 = expert.to(tl.int64) * N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(h_ptr + m[:, None].to(tl.int64) * K + kk[None, :], mask=(kk < K)[None, :], other=0.0)
+            if FORMAT == "q4":
+                w = q4_tile(q_ptr, s_ptr, row0, n, n_mask, k0, K, GROUP, BLOCK_K)
+            else:
+                w = weight_tile(q_ptr, s_ptr, row0, n, n_mask, k0, K, FORMAT, GROUP, BLOCK_K)
+            acc = tl.dot(a, w, acc)
+        tl.store(y_ptr + pair[:, None].to(tl.int64) * N + n[None, :], acc.to(tl.bfloat16),
+                 mask=valid[:, None] & n_mask[None, :])  # fmt: skip
+
+    @triton.jit
+    def _weighted_sum(y_ptr, w_ptr, out_ptr, N, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
+        # out[t] = sum over s of float(y[t * TOP_K + s]) * w[t * TOP_K + s], rounded once
+        t = tl.program_id(0).to(tl.int64)
+        n = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        mask = n < N
+        acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+        for s in tl.static_range(TOP_K):
+            weight = tl.load(w_ptr + t * TOP_K + s)
+            acc += tl.load(y_ptr + (t * TOP_K + s) * N + n, mask=mask, other=0.0).to(tl.float32) * weight
+        tl.store(out_ptr + t * N + n, acc.to(out_ptr.dtype.element_ty), mask=mask)
