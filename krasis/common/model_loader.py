@@ -29,7 +29,9 @@ def empty_model(model_dir: str | Path):
         return cls(cls.config_class.from_hf(raw))
 
 
-def _materialize(model, dtype: torch.dtype, device: str):
+def materialize(model, dtype: torch.dtype, device: str):
+    """A model built on the meta device -> real, uninitialized tensors of `dtype` on `device` (its fp32 parameters
+    stay fp32, tied weights stay tied), ready for loading."""
     model = model.to_empty(device=device).to(dtype)
     for name, param in model.named_parameters():
         if name.endswith(getattr(model, "fp32_parameters", ())):
@@ -50,7 +52,7 @@ def load_model(
         return _load_quantized(model_dir, dtype, device, quant, cache_root)
     model = empty_model(model_dir)
     reader = CheckpointReader(model_dir)  # validates every file's header before memory is allocated
-    model = _materialize(model, dtype, device)
+    model = materialize(model, dtype, device)
     optional = ("lm_head.weight",) if model.config.tie_word_embeddings else ()
     load_weights(model, reader, optional=optional)
     return model.eval().requires_grad_(False)
@@ -63,7 +65,7 @@ def _load_quantized(model_dir, dtype: torch.dtype, device: str, plan: QuantPlan,
     cache = open_cache(ensure_cache(model_dir, plan, cache_root=cache_root), model_dir=model_dir)
     model = empty_model(model_dir)
     swap_in_quantized(model, {name: cache.quantized(name) for name in cache.quantized_names})
-    model = _materialize(model, dtype, device)
+    model = materialize(model, dtype, device)
     params = dict(model.named_parameters())
     stored = {n for n in cache.names if not n.endswith((".qweight", ".scales"))}
     missing, unexpected = sorted(set(params) - stored), sorted(stored - set(params) - {"lm_head.weight"})

@@ -27,6 +27,10 @@ class MessageType(enum.IntEnum):
     # 6, 7: retired (the ready handshake travels on the spawn pipe, see krasis.common.process)
     HEARTBEAT = 8
     SHUTDOWN = 9
+    JOIN_REQUEST = 10
+    JOIN_REPLY = 11
+    REMOTE_READY = 12
+    SEQUENCE_KV = 13
 
 
 class WorkerRole(enum.IntEnum):
@@ -34,9 +38,11 @@ class WorkerRole(enum.IntEnum):
 
     GPU_PREFILL = 1
     CPU_DECODE = 2
+    GATEWAY = 3  # the gateway's beat to a decode pool on another host
 
     def __str__(self) -> str:
-        return {WorkerRole.GPU_PREFILL: "gpu-prefill", WorkerRole.CPU_DECODE: "cpu-decode"}[self]
+        return {WorkerRole.GPU_PREFILL: "gpu-prefill", WorkerRole.CPU_DECODE: "cpu-decode",
+                WorkerRole.GATEWAY: "gateway"}[self]  # fmt: skip
 
 
 # --- gateway -> GPU prefill worker (AbortRequest also gateway -> CPU decode pool) ---
@@ -75,9 +81,9 @@ class HandOff:
 
     token_ids = prompt + the first sampled token (already streamed to the gateway by the prefill worker),
     which with `sampling` (seed resolved) is all a `SequenceSampler` needs to continue the same stream.
-    kv_layers: per attention layer [len(token_ids) - 1, width], only for a decode pool on another host
-    (no shared KV pool there); empty on one host. state_slot: as in AddRequest; the state after the prompt is
-    in that row of the pool.
+    kv_layers: per attention layer [len(token_ids) - 1, width], for a decode core without the prefill worker's
+    pool (in-process use); empty in the pipeline, where a pool on another host gets the KV in SequenceKV chunks
+    first. state_slot: as in AddRequest; the state after the prompt is in that row of the pool.
     """
 
     TAG: ClassVar[MessageType] = MessageType.HAND_OFF
@@ -143,15 +149,96 @@ class Heartbeat:
     busy_s: float
 
 
+# --- gateway <-> a CPU decode pool on another host (`krasis-ctl worker --gateway tcp://...`) ---
+
+REMOTE_PROTOCOL_VERSION = 1  # in JoinRequest: bump when these messages change
+
+
+@dataclass(frozen=True)
+class JoinRequest:
+    """A decode pool on another host asks to serve a gateway; the reply goes to `inbox_endpoint` (its PULL).
+
+    worker_id: random, one per attempt (a re-join is a new pool). model_fingerprint: of the model's config.json
+    (krasis.common.model_fingerprint); kv_widths / state_widths: per layer, as the model computes them.
+    """
+
+    TAG: ClassVar[MessageType] = MessageType.JOIN_REQUEST
+    protocol_version: int
+    worker_id: str
+    host: str
+    inbox_endpoint: str
+    model_fingerprint: str
+    kv_widths: list[int]
+    state_widths: list[int]
+    shards: int
+    threads: int
+
+
+@dataclass(frozen=True)
+class JoinReply:
+    """The gateway's answer: refused with `message`, or the pool to build (same geometry as the gateway's, so
+    page tables and state slots mean the same pages on both hosts) and how to load the weights."""
+
+    TAG: ClassVar[MessageType] = MessageType.JOIN_REPLY
+    worker_id: str
+    accepted: bool
+    message: str
+    retry: bool  # refused for now (another pool is attached), not for good (another model)
+    num_pages: int
+    page_size: int
+    num_state_slots: int
+    max_running: int
+    max_context: int
+    kv_dtype: str
+    dtype: str
+    quant: str
+    dense_quant: str
+
+
+@dataclass(frozen=True)
+class RemoteReady:
+    """The joined pool loaded its weights and serves; heartbeats carry `leader_pid` from now on."""
+
+    TAG: ClassVar[MessageType] = MessageType.REMOTE_READY
+    worker_id: str
+    leader_pid: int
+    shards: int
+    threads: int
+
+
+@dataclass(frozen=True)
+class SequenceKV:
+    """Rows [start, start + rows) of a prefilled sequence's KV, for a pool on another host (no shared memory
+    across hosts); sent before its HandOff, in chunks of bounded size. The last chunk also carries the state
+    rows of linear-attention layers (`states`, fp32 [width] per layer; empty in other chunks).
+
+    kv_layers: per layer [rows, width] in the pool's dtype (width 0 for layers without KV).
+    """
+
+    TAG: ClassVar[MessageType] = MessageType.SEQUENCE_KV
+    request_id: str
+    page_table: list[int]
+    start: int
+    kv_layers: list[torch.Tensor]
+    state_slot: int | None
+    states: list[torch.Tensor]
+
+
 # --- supervisor -> worker ---
 
 
 @dataclass(frozen=True)
 class Shutdown:
-    """Stop taking work, release shared memory and exit."""
+    """Stop taking work, release shared memory and exit (to a pool on another host: leave, then re-join)."""
 
     TAG: ClassVar[MessageType] = MessageType.SHUTDOWN
 
 
-MESSAGES = (AddRequest, AbortRequest, HandOff, TokenBatch, RequestFailed, Heartbeat, Shutdown)
-Message = AddRequest | AbortRequest | HandOff | TokenBatch | RequestFailed | Heartbeat | Shutdown
+MESSAGES = (
+    AddRequest, AbortRequest, HandOff, TokenBatch, RequestFailed, Heartbeat, Shutdown, JoinRequest, JoinReply,
+    RemoteReady, SequenceKV,
+)  # fmt: skip
+Message = (
+    AddRequest | AbortRequest | HandOff | TokenBatch | RequestFailed | Heartbeat | Shutdown | JoinRequest | JoinReply
+    | RemoteReady | SequenceKV
+)

@@ -197,15 +197,15 @@ def read_topology(root: str | os.PathLike = "/sys", allowed_cpus: Iterable[int] 
 
 # ---- the worker plan ----
 
-def _worker_count(mode: object, num_cores: int) -> int:
+def _worker_count(mode: object, num_cores: int, oversubscribe: bool = False) -> int:
     if isinstance(mode, str) and mode.isdigit():
         mode = int(mode)
     if not isinstance(mode, int) or isinstance(mode, bool):
         raise ValueError(f"cpu workers must be 'auto', 'node', 'ccd' or a worker count, got {mode!r}")
-    if not 1 <= mode <= num_cores:
+    if mode < 1 or (mode > num_cores and not oversubscribe):
         raise ValueError(
             f"cannot run {mode} CPU workers on {num_cores} physical cores: "
-            f"the count must be between 1 and {num_cores} (one worker per core at most)"
+            f"the count must be between 1 and {num_cores} (one worker per core at most, unless oversubscribed)"
         )
     return mode
 
@@ -248,18 +248,31 @@ def _split_cores(topology: CpuTopology, count: int) -> list[tuple[int, tuple[tup
     return groups
 
 
-def plan_workers(topology: CpuTopology, mode: PlanMode = "auto") -> list[WorkerPlacement]:
-    """One worker per NUMA node ("auto"/"node"), per L3 domain ("ccd"), or N even core groups."""
+def plan_workers(topology: CpuTopology, mode: PlanMode = "auto", oversubscribe: bool = False) -> list[WorkerPlacement]:
+    """One worker per NUMA node ("auto"/"node"), per L3 domain ("ccd"), or N even core groups.
+
+    `oversubscribe` allows a count above the physical cores: the workers then take the cores in turn, one
+    thread each, sharing them (for trials and tests of many workers on a small box; every step waits on
+    preempted workers, so never for speed).
+    """
     if mode in ("auto", "node"):
         groups = [(node.id, node.physical_cores) for node in topology.nodes]
     elif mode == "ccd":
         groups = [(node.id, d.physical_cores) for node in topology.nodes for d in node.l3_domains]
     else:
-        groups = _split_cores(topology, _worker_count(mode, len(topology.physical_cores)))
+        count = _worker_count(mode, len(topology.physical_cores), oversubscribe)
+        split = _split_cores if count <= len(topology.physical_cores) else _shared_cores
+        groups = split(topology, count)
     return [
         WorkerPlacement(index=i, node=node, cpus=tuple(sorted(c for core in cores for c in core)), threads=len(cores))
         for i, (node, cores) in enumerate(groups)
     ]
+
+
+def _shared_cores(topology: CpuTopology, count: int) -> list[tuple[int, tuple[tuple[int, ...], ...]]]:
+    """`count` one-core groups, more than the cores: worker i takes core i mod the core count."""
+    cores = [(node.id, core) for node in topology.nodes for core in node.physical_cores]
+    return [(cores[i % len(cores)][0], (cores[i % len(cores)][1],)) for i in range(count)]
 
 
 def describe(placements: list[WorkerPlacement], topology: CpuTopology | None = None) -> str:

@@ -159,6 +159,37 @@ class AsyncPushQueue(_Queue):
         await self.socket.send_multipart(frames, copy=False)
 
 
+class AsyncPeerPushQueue(AsyncPushQueue):
+    """AsyncPushQueue connected to one peer (on another host) that never reconnects: `await disconnected()`
+    returns once the connection is lost (the peer exited or closed its socket, or its host reset the link), so
+    a message can never reach a later process that bound the same address. At most PEER_SEND_HWM messages queue.
+    """
+
+    PEER_SEND_HWM = 16  # large SequenceKV chunks: a slow link holds back the sender, not gigabytes of buffers
+
+    def _configure(self) -> None:
+        self.socket.setsockopt(zmq.RECONNECT_IVL, -1)
+        self.socket.setsockopt(zmq.SNDHWM, self.PEER_SEND_HWM)
+        self._monitor = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED)
+
+    async def disconnected(self) -> str:
+        """Wait for the connection to go; returns the event's name."""
+        from zmq.utils.monitor import parse_monitor_message
+
+        while True:
+            event = parse_monitor_message(await self._monitor.recv_multipart())["event"]
+            if event in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CLOSED):
+                return zmq.Event(event).name
+
+    def close(self, linger_s: float = 0.0) -> None:
+        try:
+            self.socket.disable_monitor()
+        except zmq.ZMQError:
+            pass  # already closed
+        self._monitor.close(linger=0)
+        super().close(linger_s)
+
+
 class AsyncPullQueue(_Receiver):
     """PullQueue for an asyncio event loop; `await get(0)` does not wait."""
 

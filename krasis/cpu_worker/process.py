@@ -51,14 +51,13 @@ def decode_title(index: int) -> str:
 def run_decode_worker(ctx, config: DecodeWorkerConfig) -> None:
     """Worker target: pin, load, report ready, then lead the pool (shard 0) or serve an expert shard."""
     from krasis.cpu_worker.pinning import pin_current_process
-    from krasis.ctl.loading import load_for_generation
 
     pinning = pin_current_process(config.placement, bind_memory=True)
     capacity = {"role": "cpu-decode", "index": config.shard_index, "threads": pinning.threads,
                 "cpus": list(pinning.cpus), "memory_policy": pinning.memory_policy}  # fmt: skip
     if config.shard_index == 0:
-        model, tokenizer = load_for_generation(config.weights)
-        _lead(ctx, config, model, tokenizer.eos_token_ids, capacity)
+        model, tokenizer, shards = _load_leader(config)
+        _lead(ctx, config, model, tokenizer.eos_token_ids, capacity, shards)
     else:
         _follow(ctx, config, capacity)
 
@@ -76,21 +75,29 @@ class ExchangedExperts(nn.Module):
         return out.to(x.dtype)
 
 
-def _moe_parents(model) -> list[nn.Module]:
-    """Modules holding a StackedExperts as `experts`, in layer order: index = the exchange's layer number."""
-    from krasis.common.layers.moe import StackedExperts
+def _load_leader(config: DecodeWorkerConfig):
+    """(model, tokenizer, shards): the whole model with one worker (shards None); with several, all but the other
+    shards' experts, and (MoE parents, shard 0 of each) for _shard_model (see shard_weights)."""
+    from krasis.common.tokenizer import Tokenizer
+    from krasis.ctl.loading import load_for_generation
 
-    return [m for m in model.modules() if isinstance(getattr(m, "experts", None), StackedExperts)]
+    if config.num_shards == 1:
+        return (*load_for_generation(config.weights), None)
+    from krasis.cpu_worker.shard_weights import load_leader_model
+
+    w, directory = config.weights, _model_dir(config.weights)
+    model, parents, shards = load_leader_model(directory, config.num_shards, _dtype(w), _plan(w), w.cache_dir)
+    return model, Tokenizer.from_dir(directory), (parents, shards)
 
 
-def _lead(ctx, config: DecodeWorkerConfig, model, eos_token_ids, capacity: dict) -> None:
+def _lead(ctx, config: DecodeWorkerConfig, model, eos_token_ids, capacity: dict, shards) -> None:
     from krasis.common.shm import SharedKVPool, shared_kv_cache
     from krasis.common.zmq_queues import PullQueue, PushQueue
     from krasis.cpu_worker.core import CpuDecodeCore
 
     exchange = None
     if config.num_shards > 1:
-        exchange = _shard_model(model, config)
+        exchange = _shard_model(config, *shards)
     pool = SharedKVPool.attach(config.kv_pool)
     core = CpuDecodeCore(model, shared_kv_cache(pool), eos_token_ids, model.config.vocab_size, config.max_context)
     inbox = PullQueue(config.hand_off_endpoint, bind=True)
@@ -108,15 +115,13 @@ def _lead(ctx, config: DecodeWorkerConfig, model, eos_token_ids, capacity: dict)
             exchange.close()
 
 
-def _shard_model(model, config: DecodeWorkerConfig):
-    """Swap each StackedExperts for shard 0 of it plus the exchange; returns the attached exchange."""
-    from krasis.cpu_worker.expert_shard import ExpertShard
+def _shard_model(config: DecodeWorkerConfig, parents, shards):
+    """Give each MoE parent its shard 0 plus the exchange in place of its experts; returns the attached exchange."""
     from krasis.cpu_worker.shard_exchange import ShardExchange, pids_alive
 
     exchange = ShardExchange.attach(config.exchange)
     alive = pids_alive(dict(enumerate(config.shard_pids)))
-    for layer, parent in enumerate(_moe_parents(model)):
-        shard = ExpertShard(parent.experts, 0, config.num_shards).slice_weights()
+    for layer, (parent, shard) in enumerate(zip(parents, shards)):
         parent.experts = ExchangedExperts(layer, exchange, shard, alive)
     return exchange
 
@@ -146,14 +151,27 @@ def _follow(ctx, config: DecodeWorkerConfig, capacity: dict) -> None:
 
 def _load_shards(weights: WeightOptions, index: int, count: int) -> list:
     """Only this follower's experts, never the whole model (see shard_weights)."""
-    from krasis.common.default_model import default_model_dir
-    from krasis.common.model_loader import resolve_dtype
-    from krasis.common.quant.plan import QuantPlan
     from krasis.cpu_worker.shard_weights import load_expert_shards
 
-    plan = QuantPlan.parse(weights.quant, weights.dense_quant)
-    directory = weights.model_dir or default_model_dir()
-    return load_expert_shards(directory, index, count, resolve_dtype(weights.dtype), plan, weights.cache_dir)
+    return load_expert_shards(_model_dir(weights), index, count, _dtype(weights), _plan(weights), weights.cache_dir)
+
+
+def _model_dir(weights: WeightOptions):
+    from krasis.common.default_model import default_model_dir
+
+    return weights.model_dir or default_model_dir()
+
+
+def _dtype(weights: WeightOptions):
+    from krasis.common.model_loader import resolve_dtype
+
+    return resolve_dtype(weights.dtype)
+
+
+def _plan(weights: WeightOptions):
+    from krasis.common.quant.plan import QuantPlan
+
+    return QuantPlan.parse(weights.quant, weights.dense_quant)
 
 
 class _DecodeLoop:

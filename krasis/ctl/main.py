@@ -6,6 +6,7 @@ from krasis.ctl.bench import bench
 from krasis.ctl.generate import generate
 from krasis.ctl.prepare import prepare
 from krasis.ctl.serve import serve
+from krasis.ctl.worker import worker
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -18,3 +19,4 @@ cli.add_command(bench)
 cli.add_command(generate)
 cli.add_command(prepare)
 cli.add_command(serve)
+cli.add_command(worker)

@@ -4,6 +4,7 @@ import asyncio
 import ctypes
 import logging
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -36,13 +37,17 @@ PR_SET_NAME = 15
 @click.option("--served-model-name", help="The model id clients send [default: the model directory's name].")
 @click.option("--cpu-workers", default="auto", show_default=True,
               help="CPU decode workers: auto (one per NUMA node), ccd (one per L3 domain) or a count.")
+@click.option("--oversubscribe", is_flag=True,
+              help="Allow more CPU workers than physical cores (they share cores: for trials and tests, not speed).")
+@click.option("--remote-workers", metavar="tcp://HOST:PORT",
+              help="Start no decode pool here: listen for one on another host (`krasis-ctl worker`).")
 @click.option("--gpu", default="auto", show_default=True,
               help="Prefill worker device: auto (cuda:0 when there is a GPU), none (the CPU) or a CUDA index.")
 @click.option("--vram-budget", type=click.FloatRange(min=0, min_open=True),
               help="GiB of VRAM GPU prefill may use; experts that don't fit stream [default: free VRAM minus 1 GiB].")
 @click.option("--in-process", is_flag=True, help="Run the engine on a thread of the gateway (no worker processes).")
 def serve(model_dir, host, port, api_key, quant, dense_quant, cache_dir, dtype, device, max_context, max_concurrency,
-          max_queue, served_model_name, cpu_workers, gpu, vram_budget, in_process):
+          max_queue, served_model_name, cpu_workers, oversubscribe, remote_workers, gpu, vram_budget, in_process):
     """Serve the model over the OpenAI HTTP API until SIGTERM or Ctrl-C."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with user_errors():
@@ -53,16 +58,31 @@ def serve(model_dir, host, port, api_key, quant, dense_quant, cache_dir, dtype, 
             engine, tokenizer, name = _load(weights, max_context, max_concurrency, served_model_name)
             _run(_serve(engine, tokenizer, name, host, port, api_key, max_concurrency, max_queue))
             return
-        client, tokenizer, config = _pipeline(weights, cpu_workers, gpu, max_context, max_concurrency, max_queue,
+        pool = _DecodePoolOptions(cpu_workers, oversubscribe, _remote_endpoint(remote_workers))
+        client, tokenizer, config = _pipeline(weights, pool, gpu, max_context, max_concurrency, max_queue,
                                               served_model_name, api_key)  # fmt: skip
         _run(_serve_client(client, tokenizer, config, host, port, max_concurrency, max_queue, _pool_summary(client)))
 
 
-def _pipeline(weights: WeightOptions, cpu_workers, gpu, max_context, max_concurrency, max_queue, served_model_name,
-              api_key):  # fmt: skip
+@dataclass(frozen=True)
+class _DecodePoolOptions:
+    cpu_workers: str
+    oversubscribe: bool
+    remote_listen: str | None
+
+
+def _remote_endpoint(endpoint: str | None) -> str | None:
+    if endpoint is not None and not endpoint.startswith("tcp://"):
+        raise click.UsageError(f"--remote-workers {endpoint!r}: use tcp://HOST:PORT (e.g. tcp://0.0.0.0:5555)")
+    return endpoint
+
+
+def _pipeline(weights: WeightOptions, pool: _DecodePoolOptions, gpu, max_context, max_concurrency, max_queue,
+              served_model_name, api_key):  # fmt: skip
     """The pipeline client for this model and host; prints the topology plan. Workers start with the server."""
     from krasis.common import default_model
     from krasis.common.default_model import default_model_dir
+    from krasis.common.model_fingerprint import model_fingerprint
     from krasis.common.model_loader import empty_model, resolve_dtype
     from krasis.common.tokenizer import Tokenizer
     from krasis.common.topology import describe, plan_workers, read_topology
@@ -76,10 +96,13 @@ def _pipeline(weights: WeightOptions, cpu_workers, gpu, max_context, max_concurr
     max_context = _max_context(model, max_context)
     topology = read_topology()
     try:
-        placements = plan_workers(topology, cpu_workers)
+        placements = plan_workers(topology, pool.cpu_workers, pool.oversubscribe)
     except ValueError as exc:
         raise click.UsageError(f"--cpu-workers: {exc}") from None
-    click.echo(describe(placements, topology))
+    if pool.remote_listen is None:
+        click.echo(describe(placements, topology))
+    else:
+        click.echo(f"CPU decode pool: none here; one joins from another host on {pool.remote_listen}")
     cfg = model.config
     config = PipelineConfig(
         weights=weights, gpu=gpu, placements=tuple(placements), kv_widths=tuple(model.kv_widths),
@@ -87,6 +110,7 @@ def _pipeline(weights: WeightOptions, cpu_workers, gpu, max_context, max_concurr
         kv_dtype=str(resolve_dtype(weights.dtype)).removeprefix("torch."), hidden_size=cfg.hidden_size,
         top_k=cfg.num_experts_per_tok, max_context=max_context, max_batch_tokens=min(max_context, 2048),
         kv_pages=max_concurrency * -(-max_context // KV_PAGE_SIZE), page_size=KV_PAGE_SIZE,
+        remote_listen=pool.remote_listen, model_fingerprint=model_fingerprint(directory),
     )  # fmt: skip
     client = PipelineEngineClient(config, max_running=max_concurrency, max_waiting=max_queue)
     name = served_model_name or (Path(weights.model_dir).resolve().name if weights.model_dir else default_model.NAME)
@@ -103,7 +127,10 @@ def _max_context(model, max_context):
 
 def _pool_summary(client) -> str:
     c = client.config
-    return f"{c.kv_pages} shared pages of {c.page_size} tokens, {len(c.placements)} CPU decode worker(s)"
+    where = f"{len(c.placements)} CPU decode worker(s)"
+    if c.remote_listen:
+        where = f"a CPU decode pool joining on {c.remote_listen}"
+    return f"{c.kv_pages} shared pages of {c.page_size} tokens, {where}"
 
 
 def _load(weights: WeightOptions, max_context, max_concurrency, served_model_name):

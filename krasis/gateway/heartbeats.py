@@ -42,12 +42,11 @@ class HeartbeatMonitor:
         return found
 
 
-async def watch_heartbeats(monitor: HeartbeatMonitor, workers) -> None:
-    """Kill every hung worker of the groups not already restarting (WorkerGroups: handles, restarting)."""
+async def watch_heartbeats(monitor: HeartbeatMonitor, watched) -> None:
+    """Kill every hung worker among `watched()` (workers not already restarting, or a joined remote pool)."""
     while True:
         await asyncio.sleep(CHECK_EVERY_S)
-        handles = [h for role, group in workers.handles.items() if role not in workers.restarting for h in group]
-        for handle, reason in monitor.hung(handles):
+        for handle, reason in monitor.hung(watched()):
             log.error("worker %s (pid %s) %s; killing it", handle.name, handle.pid, reason)
             try:
                 handle.kill(f"hung: it {reason}")

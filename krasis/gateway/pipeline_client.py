@@ -5,6 +5,10 @@ when it is sent to prefill and freed when its final event arrives, or, after an 
 may hold it confirmed (each answers an AbortRequest with a TokenOut carrying FinishReason.ABORT), so pages are
 never reused while a worker may still write them. A dead worker (seen by the Supervisor) fails every in-flight
 request; /health is 503 until it (for a decode worker, the whole pool) is restarted and ready.
+
+With `remote_listen` the decode pool runs on another host and joins over tcp (gateway.remote_pool): hand-offs
+then come to the gateway, which ships each sequence's KV ahead of it; a lost pool fails every in-flight request
+and /health is 503 until a pool joins again.
 """
 
 import asyncio
@@ -21,12 +25,15 @@ from dataclasses import dataclass, field
 from krasis.common.engine import TokenEvent
 from krasis.common.kv_cache import PageAllocator
 from krasis.common.protocol import FinishReason
-from krasis.common.protocol_pipeline import AbortRequest, AddRequest, Heartbeat, RequestFailed, TokenBatch, TokenOut
+from krasis.common.protocol_pipeline import (
+    AbortRequest, AddRequest, HandOff, Heartbeat, JoinRequest, RemoteReady, RequestFailed, TokenBatch, TokenOut,
+)  # fmt: skip
 from krasis.common.sampling_params import SamplingParams
 from krasis.gateway.engine_client import EngineClient, EngineError, EngineStats
 from krasis.gateway.heartbeats import HeartbeatMonitor, watch_heartbeats
 from krasis.gateway.worker_groups import DECODE, PREFILL, PipelineConfig, WorkerGroups  # noqa: F401 (PipelineConfig re-exported)
 from krasis.gateway.metrics import RateWindow
+from krasis.gateway.remote_pool import RemoteDecodePool
 
 log = logging.getLogger("krasis.gateway")
 
@@ -59,7 +66,7 @@ class PipelineEngineClient(EngineClient):
         self._requests: dict[str, _Request] = {}
         self._waiting: deque[_Request] = deque()
         self._dispatched = 0
-        self._outbox: asyncio.Queue | None = None
+        self._outboxes: dict[str, asyncio.Queue] = {}
         self._tasks: list[asyncio.Task] = []
         self._failure: str | None = "starting"
         self._closing = False
@@ -67,12 +74,15 @@ class PipelineEngineClient(EngineClient):
         self._run_dir = tempfile.mkdtemp(prefix="krasis-")
         self.workers = WorkerGroups(config, self._run_dir, max_running)
         self.heartbeats = HeartbeatMonitor(config.heartbeat_timeout_s, config.stall_timeout_s)
+        self.remote = None
+        if config.remote_listen is not None:
+            self.remote = RemoteDecodePool(config, max_running, self._on_remote_ready, self._on_remote_lost)
 
     # --- lifecycle ---
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._outbox = asyncio.Queue()
+        self._outboxes = {PREFILL: asyncio.Queue(), DECODE: asyncio.Queue()}
         try:
             self.workers.open(lambda handle: loop.call_soon_threadsafe(self._on_death, handle))
             await loop.run_in_executor(None, self.workers.wait_ready, None)
@@ -84,11 +94,18 @@ class PipelineEngineClient(EngineClient):
         self._tasks = [
             asyncio.create_task(self._read(self.workers.prefill_tokens, PREFILL)),
             asyncio.create_task(self._read(self.workers.decode_tokens, DECODE)),
-            asyncio.create_task(self._send_outbox()),
-            asyncio.create_task(watch_heartbeats(self.heartbeats, self.workers)),
+            asyncio.create_task(self._send_outbox(PREFILL)),
+            asyncio.create_task(self._send_outbox(DECODE)),
+            asyncio.create_task(watch_heartbeats(self.heartbeats, self._local_workers)),
         ]
+        if self.remote is not None:
+            self._tasks += [
+                asyncio.create_task(self._route_hand_offs()),
+                asyncio.create_task(self.remote.watch()),
+                asyncio.create_task(watch_heartbeats(self.remote.heartbeats, self.remote.watched)),
+            ]
         self.workers.supervisor.start()
-        self._failure = None
+        self._failure = self._missing_pool()
 
     async def close(self) -> None:
         self._closing = True
@@ -96,9 +113,18 @@ class PipelineEngineClient(EngineClient):
         self._fail_all(self._failure)
         for task in self._tasks:
             task.cancel()
+        if self.remote is not None:
+            await self.remote.close()
         await asyncio.get_running_loop().run_in_executor(None, self.workers.close)
         self.workers.close_sockets()
         shutil.rmtree(self._run_dir, ignore_errors=True)
+
+    def _local_workers(self) -> list:
+        return [h for role, group in self.workers.handles.items() if role not in self.workers.restarting for h in group]
+
+    def _missing_pool(self) -> str | None:
+        """Why requests cannot run without a worker restart: a remote decode pool not (yet) joined and ready."""
+        return None if self.remote is None or self.remote.ready else self.remote.waiting_reason()
 
     def health(self) -> tuple[bool, str]:
         return (False, self._failure) if self._failure is not None else (True, "ok")
@@ -181,7 +207,11 @@ class PipelineEngineClient(EngineClient):
                 elif isinstance(msg, RequestFailed):
                     self._on_failed(msg)
                 elif isinstance(msg, Heartbeat):
-                    self.heartbeats.beat(msg)
+                    (self.heartbeats if self.remote is None or role == PREFILL else self.remote).beat(msg)
+                elif isinstance(msg, JoinRequest) and self.remote is not None:
+                    await self.remote.join(msg)
+                elif isinstance(msg, RemoteReady) and self.remote is not None:
+                    self.remote.on_remote_ready(msg)
             except Exception:  # a bug here must not stop every stream
                 log.exception("handling a %s from the %s worker failed", type(msg).__name__, role)
 
@@ -223,19 +253,56 @@ class PipelineEngineClient(EngineClient):
     # --- sending, in order, from one task ---
 
     def _send(self, role: str, msg) -> None:
-        self._outbox.put_nowait((role, msg))
+        self._outboxes[role].put_nowait(msg)
 
-    async def _send_outbox(self) -> None:
+    async def _send_outbox(self, role: str) -> None:
+        """One task per destination keeps its messages in order; a slow KV shipment holds back only its pool."""
         while True:
-            role, msg = await self._outbox.get()
-            queue = self.workers.prefill_requests if role == PREFILL else self.workers.decode_inbox
+            msg = await self._outboxes[role].get()
+            queue = self.workers.prefill_requests if role == PREFILL else self._decode_inbox()
+            if queue is None:
+                continue  # no decode pool: the requests it would concern were failed when it went
             try:
-                await queue.put(msg)
+                if isinstance(msg, HandOff):
+                    await self.remote.ship(self.workers.pool, msg)
+                else:
+                    await queue.put(msg)
             except Exception as exc:  # an unencodable message fails its request, not the sender
                 log.exception("sending %s to the %s worker failed", type(msg).__name__, role)
                 request = self._requests.get(getattr(msg, "request_id", None))
                 if request is not None and not request.aborted:
                     request.stream.put_nowait(EngineError(f"could not send the request: {exc}"))
+
+    def _decode_inbox(self):
+        return self.workers.decode_inbox if self.remote is None else self.remote.inbox
+
+    async def _route_hand_offs(self) -> None:
+        """With a remote pool, the prefill worker's hand-offs come here; live ones go to the pool with their KV."""
+        while True:
+            msg = await self.workers.hand_offs.get()
+            if not isinstance(msg, HandOff):
+                continue
+            request = self._requests.get(msg.request_id)
+            if request is not None and not request.aborted and self.remote.ready:
+                self._send(DECODE, msg)
+
+    # --- a remote decode pool joining and going ---
+
+    def _on_remote_ready(self, handle) -> None:
+        if not self.workers.restarting and not self._closing:
+            self._failure = None
+
+    def _on_remote_lost(self, handle, reason: str) -> None:
+        if self._closing:
+            return
+        message = f"CPU decode pool {handle.name} {reason}"
+        self._failure = f"{message}; {self.remote.waiting_reason()}"
+        self._fail_all(message)
+        # Its pool's pages are on its host: nothing here waits for its abort confirmations.
+        for request in list(self._requests.values()):
+            request.awaiting.discard(DECODE)
+            if request.aborted and not request.awaiting:
+                self._release(request)
 
     # --- worker deaths ---
 
@@ -284,5 +351,5 @@ class PipelineEngineClient(EngineClient):
             if request.aborted and role in request.awaiting:
                 self._send(role, AbortRequest(request.request_id))
         if not self.workers.restarting:
-            self._failure = None
+            self._failure = self._missing_pool()
             log.info("the %s worker(s) restarted; serving again", role)

@@ -11,7 +11,8 @@ SHM_PREFIXES = ("krasis-kv-", "krasis-experts-")
 
 
 def start_pipeline(model_dir: Path, work_dir: Path, cpu_workers: int) -> ServerProcess:
-    return ServerProcess(["--model", str(model_dir), "--dtype", "fp32", "--gpu", "none",
+    # --oversubscribe: 4 workers on CI's 2 cores share them (the plan is unchanged where the cores suffice)
+    return ServerProcess(["--model", str(model_dir), "--dtype", "fp32", "--gpu", "none", "--oversubscribe",
                           "--cpu-workers", str(cpu_workers), "--max-concurrency", "8"], work_dir)  # fmt: skip
 
 

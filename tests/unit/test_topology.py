@@ -210,6 +210,17 @@ def test_bad_worker_count_is_a_clear_error(epyc, mode):
         plan_workers(epyc, mode)
 
 
+def test_more_workers_than_cores_only_when_oversubscribed_and_then_one_thread_each_on_cores_in_turn(epyc):
+    with pytest.raises(ValueError, match="physical cores"):
+        plan_workers(epyc, 20)
+    workers = plan_workers(epyc, 20, oversubscribe=True)
+    assert [w.index for w in workers] == list(range(20)) and all(w.threads == 1 for w in workers)
+    assert workers[16].cpus == workers[0].cpus and workers[19].cpus == workers[3].cpus
+    assert plan_workers(epyc, 8, oversubscribe=True) == plan_workers(epyc, 8)  # no change where cores suffice
+    with pytest.raises(ValueError, match="between 1"):
+        plan_workers(epyc, 0, oversubscribe=True)
+
+
 def test_describe_shows_every_worker_and_the_host(epyc):
     text = describe(plan_workers(epyc, "ccd"), epyc)
     assert "2 NUMA node(s), 4 L3 domain(s), 16 physical cores / 32 CPUs" in text
