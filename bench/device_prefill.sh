@@ -16,11 +16,13 @@ step() {  # step NAME SECONDS COMMAND...
   timeout "$seconds" "$@" > "$OUT/$name.txt" 2>&1
   echo "$name: rc=$? in $((SECONDS - start)) s" >> "$OUT/summary.txt"
 }
-step tests 240 python3 -m pytest tests/gpu -q -x -p no:cacheprovider
+step tests 300 python3 -m pytest tests/gpu -q -p no:cacheprovider
 step kernels 240 python3 bench/moe_kernels.py --shape v2-lite --tokens 2048 8192 --sweep ${SWEEP:-q4}
 step kernels_next 60 python3 bench/moe_kernels.py --shape qwen3-next --tokens 8192
 step bench27 330 python3 -c "from krasis.ctl.main import cli; cli()" bench --preset deepseek-v2-lite --device cuda --quant q4 --vram-budget ${BUDGET:-4} \
-  --threads 16 --prompt-tokens 8K,32K --decode-context 0.5K --decode-tokens 16 --json "$OUT/bench-v2lite-q4.json"
+  --threads 16 --prompt-tokens 2K,8K,32K --decode-context 0.5K --decode-tokens 16 --json "$OUT/bench-v2lite-q4.json"
+step bench27_4gib 200 python3 -c "from krasis.ctl.main import cli; cli()" bench --preset deepseek-v2-lite --device cuda --quant q4 \
+  --vram-budget 4 --threads 16 --prompt-tokens 2K,8K --decode-context 0.5K --decode-tokens 16 --json "$OUT/bench-v2lite-q4-4gib.json"
 step profile 120 python3 bench/prefill_profile.py --layers 4 --tokens 8192 --chunk 8192
 step prefill 180 python3 bench/gpu_prefill.py --layers 12 --quant q4 --budget 4 --tokens 8192 --chunk 8192
 cat "$OUT/machine.txt" "$OUT/summary.txt"
@@ -28,4 +30,4 @@ cat "$OUT/machine.txt" "$OUT/summary.txt"
 [ -f "$OUT/kernels.txt" ] && cat "$OUT/kernels.txt"; [ -f "$OUT/kernels_next.txt" ] && cat "$OUT/kernels_next.txt"
 [ -f "$OUT/profile.txt" ] && head -40 "$OUT/profile.txt"
 [ -f "$OUT/prefill.txt" ] && tail -12 "$OUT/prefill.txt"
-[ -f "$OUT/bench27.txt" ] && grep -v "it/s\]" "$OUT/bench27.txt" | tail -40
+for f in bench27 bench27_4gib; do [ -f "$OUT/$f.txt" ] && grep -v "it/s\]" "$OUT/$f.txt" | tail -24; done

@@ -156,7 +156,7 @@ class GpuPrefillCore:
                 staging.begin(plan, batch.write_slots)
                 staging.hand_off.copy_all()
             return hidden, batch
-        input_ids, chunks, batch = chunk_batches(staged, kv, self.device, self.runner.plan.chunk_tokens)
+        input_ids, chunks, batch = chunk_batches(staged, kv, self.device, self.runner.plan.chunk_for(sum(n for _, n in plan)))
         if staging is None:
             return self.runner.forward(input_ids, chunks), batch
         staging.begin(plan, batch.write_slots)

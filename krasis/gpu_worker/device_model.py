@@ -38,6 +38,17 @@ class StreamedExperts(nn.Module):
     def gate_up_shape(self) -> tuple[int, ...]:
         return self.quant[0][1] if self.quant else tuple(self.host_tensors[0].shape)
 
+    def stand_in(self, device, num_experts: int = 2) -> tuple:
+        """(gate_up, down) device weights of this layer's format and shape but `num_experts` experts, zeros (kernel
+        compilation)."""
+        if not self.quant:
+            return tuple(torch.zeros(num_experts, *t.shape[1:], dtype=t.dtype, device=device) for t in self.host_tensors)
+        weights = []
+        for (spec, shape), (values, scales) in zip(self.quant, (self.host_tensors[:2], self.host_tensors[2:])):
+            stand = [torch.zeros(num_experts, *t.shape[1:], dtype=t.dtype, device=device) for t in (values, scales)]
+            weights.append(QuantizedWeight(spec, (num_experts, *shape[1:]), *stand))
+        return tuple(weights)
+
     def bind(self, tensors: list[torch.Tensor] | None) -> None:
         if tensors is None:
             self.device_weights = None
@@ -71,13 +82,28 @@ def _layer_of(name: str) -> int:
     return int(name.split("model.layers.", 1)[1].split(".", 1)[0])
 
 
-def build_device_model(model, device, host_embedding: bool = False) -> tuple[nn.Module, dict[int, StreamedExperts]]:
+class HostLmHead(nn.Module):
+    """An lm_head left in host memory: the few rows prefill samples from go to the host for their logits and back."""
+
+    def __init__(self, host: nn.Module):
+        super().__init__()
+        self.host = host
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.host(x.cpu()).to(x.device)
+
+
+def build_device_model(model, device, host_embedding: bool = False,
+                       host_lm_head: bool = False) -> tuple[nn.Module, dict[int, StreamedExperts]]:  # fmt: skip
     """(device copy of `model` without its routed experts, {layer index: its StreamedExperts}); `model` is untouched.
-    With `host_embedding` the copy shares `model`'s input embedding module, on the host."""
+    With `host_embedding` the copy shares `model`'s input embedding module, on the host; with `host_lm_head` its
+    lm_head (through HostLmHead)."""
     with torch.device("meta"):
         clone = type(model)(model.config)
     if host_embedding:
         clone.model.embed_tokens = model.model.embed_tokens
+    if host_lm_head:
+        clone.lm_head = HostLmHead(model.lm_head)
     experts = {}
     for name, host in _experts_modules(model).items():
         parent, _, child = name.rpartition(".")
@@ -92,7 +118,8 @@ def build_device_model(model, device, host_embedding: bool = False) -> tuple[nn.
 
     skip = tuple(f"{name}." for name in _experts_modules(model))
     for name, module in model.named_modules():
-        if isinstance(module, StackedExperts) or name.startswith(skip) or module is clone.model.embed_tokens:
+        host = module is clone.model.embed_tokens or (host_lm_head and module is model.lm_head)
+        if isinstance(module, StackedExperts) or name.startswith(skip) or host:
             continue
         target = clone.get_submodule(name)
         if isinstance(module, QuantLinear):
@@ -136,7 +163,8 @@ def measure_weights(model) -> ModelWeights:
     other = sum(_device_bytes(m, dtype, expert_ids, counted) for m in model.modules())  # what no layer counted
     embedding = model.model.embed_tokens.weight
     untied = embedding is not getattr(model.lm_head, "weight", None)
-    return ModelWeights(other, tuple(layers), embedding.nbytes if untied else 0)
+    lm_head = _device_bytes(model.lm_head, dtype, set(), set()) if untied else 0
+    return ModelWeights(other, tuple(layers), embedding.nbytes if untied else 0, lm_head)
 
 
 def activation_shape(model, kv_dtype_bytes: int | None = None) -> ActivationShape:

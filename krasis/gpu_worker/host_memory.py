@@ -42,7 +42,8 @@ class HostRegistration:
 
     def __init__(self, tensors: list[torch.Tensor], writable: bool = False):
         self.held: list[tuple[int, int]] = []
-        failed = []
+        self.failed: list[tuple[int, int]] = []  # ranges left unregistered (overlapping another registration)
+        failed = self.failed
         for span in _page_ranges(tensors):
             if _hold(span):
                 self.held.append(span)

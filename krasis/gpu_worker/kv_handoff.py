@@ -3,8 +3,10 @@
 Per layer, once its KV is final (StreamingPrefill's after_layer hook, or after a plain forward), on a stream of
 its own behind the layer's compute: its new rows go straight into the pool's registered pages, one async copy per
 run of rows consecutive on both sides (one copy per layer for a prompt on consecutive pages). A page table too
-fragmented for that (over MAX_DIRECT_RUNS runs) takes one gather on the device and one copy into a pinned block per
-layer, then one index_copy per layer into the pool at the end. No per-page Python loops either way.
+fragmented for that (over MAX_DIRECT_RUNS runs), or a pool whose pages could not all be registered, takes one gather
+on the device and one copy into a pinned block per layer, then one index_copy per layer into the pool at the end. No
+per-page Python loops either way. (An async copy into pageable memory that shares a page with another registration
+fails: the driver takes the whole copy for registered memory.)
 
 With per-layer staging (`layer_staging`: layer i's KV on buffer i % 2) the compute of layer i + 1 waits for the
 copies out of its buffer (those of layer i - 1), which ran during layer i."""
@@ -50,6 +52,9 @@ class KVHandOff:
         self.registration = HostRegistration(host, writable=True) if self.cuda and host else None
         self.gathered = self.host = None  # the fragmented path's device block and pinned block, grown on demand
         self.runs, self.state_rows, self.offsets = [], [], []
+        self.pool_registered = self.registration is None or not self.registration.failed
+        self.gathers = False  # this step goes through the pinned block
+        self.pending_states = []  # (layer, pool slot, pinned row): state rows bound for unregistered pool pages
         self._previous_copies = None  # event: the copies of the layer before the one just done
 
     def close(self) -> None:
@@ -65,7 +70,8 @@ class KVHandOff:
         self.staging_slots, self.pool_slots = staging_slots, pool_slots.to(self.pool.layers[0].device)
         self.state_rows = list(state_rows)
         self.runs = contiguous_runs(staging_slots.cpu(), pool_slots.cpu())
-        if len(self.runs) > MAX_DIRECT_RUNS:
+        self.gathers = len(self.runs) > MAX_DIRECT_RUNS or not self.pool_registered
+        if self.gathers:
             widths = [layer.shape[1] for layer in self.staging.layers]
             self.offsets = [0]
             for width in widths:
@@ -78,13 +84,13 @@ class KVHandOff:
         if self.stream is not None:
             self.stream.wait_event(torch.cuda.current_stream(self.device).record_event())
         with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
-            if len(self.runs) > MAX_DIRECT_RUNS:
+            if self.gathers:
                 self._copy_gathered(i)
             else:
                 self._copy_runs(i)
             for staging_slot, pool_slot in self.state_rows:
                 if self.staging.states[i].numel():
-                    self.pool.states[i][pool_slot].copy_(self.staging.states[i][staging_slot], non_blocking=self.cuda)
+                    self._copy_state(i, staging_slot, pool_slot)
         if self.stream is None:
             return
         copies = self.stream.record_event()
@@ -96,7 +102,10 @@ class KVHandOff:
         """Wait for the copies (the fragmented path: then scatter every layer into the pool)."""
         if self.stream is not None:
             self.stream.synchronize()
-        if len(self.runs) <= MAX_DIRECT_RUNS:
+        for layer, pool_slot, row in self.pending_states:
+            self.pool.states[layer][pool_slot].copy_(row)
+        self.pending_states = []
+        if not self.gathers:
             return
         tokens = self.pool_slots.numel()
         for i, pool_layer in enumerate(self.pool.layers):
@@ -108,6 +117,14 @@ class KVHandOff:
         for i in range(len(self.staging.layers)):
             self.layer_done(i)
         self.finish()
+
+    def _copy_state(self, i: int, staging_slot: int, pool_slot: int) -> None:
+        source = self.staging.states[i][staging_slot]
+        if self.pool_registered:
+            self.pool.states[i][pool_slot].copy_(source, non_blocking=self.cuda)
+        else:  # through a pinned row, copied into the pool by `finish` once the stream is done
+            row = torch.empty(source.shape, dtype=source.dtype, pin_memory=True)
+            self.pending_states.append((i, pool_slot, row.copy_(source, non_blocking=True)))
 
     def _copy_runs(self, i: int) -> None:
         source, target = self.staging.layers[i], self.pool.layers[i]

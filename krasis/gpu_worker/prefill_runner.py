@@ -46,7 +46,7 @@ def build_prefill_runner(model, device="cuda", vram_budget_gib: float | None = N
     `plan` overrides the planning from the budget (tests)."""
     if plan is None:
         plan = plan_for(model, device, vram_budget_gib, chunk_tokens, step_tokens, group_layers, kv_dtype_bytes)
-    device_model, experts = build_device_model(model, device, host_embedding=plan.host_embedding)
+    device_model, experts = build_device_model(model, device, plan.host_embedding, plan.host_lm_head)
     return StreamingPrefill(device_model, experts, plan, device)
 
 

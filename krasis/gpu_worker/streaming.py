@@ -8,6 +8,7 @@ import dataclasses
 
 import torch
 
+from krasis.common.kernels.gpu.fused_moe import compile_kernels, fused_available
 from krasis.common.kv_cache import ForwardBatch, KVCache
 from krasis.common.sequence_state import Plan, forward_batch
 from krasis.gpu_worker.device_model import StreamedExperts, buffer_views
@@ -36,6 +37,15 @@ class StreamingPrefill:
         self.group_of = {i: g for g, layers in enumerate(plan.groups) for i in layers}
         self._ready: list = []
         self._done: list = []
+        if self.cuda and experts:
+            self._compile_expert_kernels(next(iter(experts.values())))
+
+    def _compile_expert_kernels(self, experts: StreamedExperts) -> None:
+        """Triton compiles at start, not inside the first prompts (one compile per row-block height)."""
+        gate_up, down = experts.stand_in(self.device)
+        x = torch.zeros(1, gate_up.shape[2], dtype=self.dtype, device=self.device)
+        if fused_available(x, gate_up, experts.hidden_act):
+            compile_kernels(gate_up, down, getattr(self.model.config, "num_experts_per_tok", 1))
 
     def close(self) -> None:
         if self.registration is not None:
@@ -108,7 +118,7 @@ class StreamingPrefill:
         kv = layer_staging(self.model.kv_widths, pages * page_size, page_size, self.dtype, self.device,
                            self.model.state_widths, state_slots=1)  # fmt: skip
         seq = PromptSequence(list(prompt_ids), list(range(pages)), state_slot=0)
-        input_ids, chunks, _ = chunk_batches([(seq, len(prompt_ids))], kv, self.device, self.plan.chunk_tokens)
+        input_ids, chunks, _ = chunk_batches([(seq, len(prompt_ids))], kv, self.device, self.plan.chunk_for(len(prompt_ids)))
         return self.forward(input_ids, chunks)
 
 

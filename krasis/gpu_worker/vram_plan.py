@@ -31,6 +31,7 @@ class ModelWeights:
     other_bytes: int  # embeddings, final norm, lm_head (a tied lm_head counted once)
     layers: tuple[LayerWeights, ...]
     embedding_bytes: int = 0  # of other_bytes, the input embedding that may stay on the host (0: tied to lm_head)
+    lm_head_bytes: int = 0  # of other_bytes, an untied lm_head that may stay on the host (prefill needs a few rows)
 
     @property
     def total_bytes(self) -> int:
@@ -88,6 +89,21 @@ class VramPlan:
     groups: tuple[tuple[int, ...], ...]  # streamed layers, in order, one buffer's worth each
     streamed_bytes: int  # bytes crossing PCIe per prefill step
     layer_expert_bytes: dict = field(default_factory=dict, compare=False)
+    shape: ActivationShape | None = field(default=None, compare=False)
+    host_lm_head: bool = False  # lm_head stays on the host: the rows prefill samples from go there for their logits
+
+    def chunk_for(self, tokens: int) -> int:
+        """The chunk for a step of `tokens` tokens: the whole step in one chunk when its transients (chunk and hidden
+        states) fit in those the plan holds for its own chunk and longest step, else halved down to the plan's chunk.
+        A step shorter than the longest attends over less context, so it can take larger chunks."""
+        if self.shape is None or tokens <= self.chunk_tokens:
+            return self.chunk_tokens
+        row = self.shape.hidden_size * self.shape.dtype_bytes  # one token's hidden state, held for the whole step
+        held = self.shape.chunk_bytes(self.chunk_tokens, self.step_tokens) + self.step_tokens * row
+        chunk = tokens
+        while chunk > self.chunk_tokens and self.shape.chunk_bytes(chunk, tokens) + tokens * row > held:
+            chunk = max(self.chunk_tokens, chunk // 2)
+        return chunk
 
     @property
     def total_bytes(self) -> int:
@@ -102,7 +118,8 @@ class VramPlan:
             f"VRAM plan: budget {self.budget_bytes / GiB:.2f} GiB, planned {self.total_bytes / GiB:.2f} GiB",
             f"  resident weights {self.resident_bytes / GiB:.2f} GiB "
             f"(routed experts of {len(self.resident_expert_layers)} layers: {_ranges(self.resident_expert_layers)}"
-            f"{'; input embedding on the host' if self.host_embedding else ''})",
+            f"{'; input embedding on the host' if self.host_embedding else ''}"
+            f"{'; lm_head on the host' if self.host_lm_head else ''})",
             f"  activations {self.activation_bytes / GiB:.2f} GiB "
             f"(chunks of {self.chunk_tokens} tokens, up to {self.step_tokens} tokens a step, KV staged one layer "
             f"at a time{f', state rows of {self.state_slots} sequences' if self.state_slots else ''})",
@@ -145,13 +162,18 @@ def plan_vram(
     slack = (64 << 20) + budget_bytes // 25 if slack_bytes is None else slack_bytes
     state_slots = state_slots if shape.state_bytes_per_seq else 0
     chunk = min(chunk_tokens, step_tokens)
-    # a smaller chunk costs GEMM efficiency on every layer; the host embedding costs a lookup of the step's rows
-    choices = [False, True] if weights.embedding_bytes else [False]
+    # a smaller chunk costs GEMM efficiency on every layer; the host embedding costs a lookup of the step's rows, the
+    # host lm_head the logits of a few rows on the CPU: both go to the host before the chunk shrinks
+    choices = [(False, False)]
+    if weights.embedding_bytes:
+        choices.append((True, False))
+    if weights.lm_head_bytes:
+        choices.append((bool(weights.embedding_bytes), True))
     while True:
-        for host_embedding in choices:
+        for host_embedding, host_lm_head in choices:
             try:
                 return plan_for_chunk(weights, shape, budget_bytes, chunk, step_tokens, group_layers, slack,
-                                      state_slots, host_embedding)  # fmt: skip
+                                      state_slots, host_embedding, host_lm_head)  # fmt: skip
             except VramBudgetError as exc:
                 error = exc
         if chunk <= MIN_CHUNK_TOKENS:
@@ -161,12 +183,12 @@ def plan_vram(
 
 def plan_for_chunk(
     weights: ModelWeights, shape: ActivationShape, budget_bytes: int, chunk_tokens: int, step_tokens: int,
-    group_layers: int, slack: int, state_slots: int, host_embedding: bool = False,
+    group_layers: int, slack: int, state_slots: int, host_embedding: bool = False, host_lm_head: bool = False,
 ) -> VramPlan:  # fmt: skip
     """Everything resident if it fits; else the experts of the earliest MoE layers resident (their compute hides
     the first transfer) and the rest streaming in groups of `group_layers` layers through two buffers."""
     activations = shape.chunk_bytes(chunk_tokens, step_tokens) + shape.step_bytes(step_tokens, chunk_tokens, state_slots)
-    other = weights.other_bytes - weights.embedding_bytes * host_embedding
+    other = weights.other_bytes - weights.embedding_bytes * host_embedding - weights.lm_head_bytes * host_lm_head
     fixed = other + sum(layer.resident_bytes for layer in weights.layers) + activations
     moe = [layer for layer in weights.layers if layer.expert_bytes > 0]
     expert_bytes = {layer.index: _aligned(layer.expert_bytes) for layer in moe}
@@ -180,7 +202,7 @@ def plan_for_chunk(
             return VramPlan(
                 budget_bytes, fixed - activations + kept, buffer, buffers, activations, chunk_tokens, step_tokens,
                 state_slots, host_embedding, tuple(l.index for l in moe[:resident]), tuple(groups),
-                sum(l.expert_bytes for l in streamed), {l.index: l.expert_bytes for l in moe},
+                sum(l.expert_bytes for l in streamed), {l.index: l.expert_bytes for l in moe}, shape, host_lm_head,
             )  # fmt: skip
     need = fixed + 2 * max(expert_bytes.values(), default=0) * group_layers + slack
     raise VramBudgetError(

@@ -1,5 +1,6 @@
 """The streaming prefill executor on the CPU: the same logic as on the GPU (buffers, groups, chunks, hand-off)."""
 
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -57,6 +58,15 @@ def test_chunked_streamed_prefill_equals_resident(group_layers):
     assert torch.equal(streamed.prefill_prompt(PROMPT), resident.prefill_prompt(PROMPT))
     whole = cpu_prefill(model, PROMPT)  # one chunk: same math, other GEMM sizes
     torch.testing.assert_close(streamed.prefill_prompt(PROMPT), whole, rtol=1e-4, atol=1e-4)
+
+
+def test_embedding_and_lm_head_left_on_the_host_give_the_same_logits():
+    model = random_model(CONFIG, torch.float32, "q4")
+    plan = dataclasses.replace(streaming_plan(model, 64), host_embedding=True, host_lm_head=True)
+    runner = build_prefill_runner(model, "cpu", plan=plan)
+    assert runner.model.lm_head.host is model.lm_head and runner.model.model.embed_tokens is model.model.embed_tokens
+    hidden = runner.prefill_prompt(PROMPT)
+    assert torch.equal(runner.model.compute_logits(hidden), model.compute_logits(cpu_prefill(model, PROMPT)))
 
 
 def test_streaming_leaves_the_host_model_untouched():

@@ -115,3 +115,23 @@ def test_threshold_follows_the_measured_rates():
 def test_rates_must_be_positive():
     with pytest.raises(ValueError, match="cpu_tokens_per_s"):
         PrefillRates(1e9, 1.0, 0.0)
+
+
+def test_a_shorter_step_takes_larger_chunks_within_the_planned_activations():
+    p = plan_vram(weights(), SHAPE, 3000 * MiB, 2048, 32768, slack_bytes=0)
+    assert p.chunk_tokens <= 2048
+    held = SHAPE.chunk_bytes(p.chunk_tokens, 32768) + 32768 * SHAPE.hidden_size * 2
+    for tokens in (512, 4096, 8192, 32768):
+        chunk = p.chunk_for(tokens)
+        assert p.chunk_tokens <= chunk <= max(tokens, p.chunk_tokens)
+        assert chunk == p.chunk_tokens or SHAPE.chunk_bytes(chunk, tokens) + tokens * SHAPE.hidden_size * 2 <= held
+    assert p.chunk_for(8192) > p.chunk_tokens  # 8K of context leaves room for bigger chunks than 32K does
+    assert p.chunk_for(32768) == p.chunk_tokens
+
+
+def test_the_lm_head_leaves_the_device_after_the_embedding_and_before_the_chunk_shrinks():
+    untied = ModelWeights(1200 * MiB, weights().layers, embedding_bytes=400 * MiB, lm_head_bytes=400 * MiB)
+    both = plan_vram(untied, SHAPE, 2100 * MiB, 4096, 8192, slack_bytes=0)
+    assert both.host_embedding and both.host_lm_head and both.chunk_tokens == 4096 and both.total_bytes <= 2100 * MiB
+    assert "lm_head on the host" in both.describe()
+    assert not plan_vram(untied, SHAPE, 2500 * MiB, 4096, 8192, slack_bytes=0).host_lm_head

@@ -69,15 +69,16 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> t
 
 
 def fused_experts(x: torch.Tensor, gate_up, down, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                  tiles: dict | None = None) -> torch.Tensor:  # fmt: skip
+                  tiles: dict | None = None, block_m: int | None = None) -> torch.Tensor:  # fmt: skip
     """x: [T, H] bf16 on CUDA; gate_up [E, 2I, H] and down [E, H, I] (QuantizedWeight or bf16); topk_* [T, k]
     -> [T, H] bf16: sum over k of weight * down(silu(gate(x)) * up(x)) of each selected expert. `tiles` overrides
-    `pick_tiles` ({"gate_up": (BLOCK_N, BLOCK_K, warps, stages), "down": ...}: the benchmark's sweep)."""
+    `pick_tiles` ({"gate_up": (BLOCK_N, BLOCK_K, warps, stages), "down": ...}: the benchmark's sweep), `block_m`
+    the row-block height (`compile_kernels`)."""
     tokens, hidden = x.shape
     num_experts, two_inter, _ = gate_up.shape
     inter, top_k = two_inter // 2, topk_ids.shape[1]
     pairs = tokens * top_k
-    block_m = block_rows(pairs, num_experts)
+    block_m = block_m or block_rows(pairs, num_experts)
     rows, block_expert = align_by_expert(topk_ids, num_experts, block_m)
     x = x.contiguous()
     h = torch.empty(rows.numel(), inter, dtype=x.dtype, device=x.device)
@@ -97,6 +98,18 @@ def fused_experts(x: torch.Tensor, gate_up, down, topk_ids: torch.Tensor, topk_w
     weights = topk_weights.reshape(-1).float().contiguous()
     _weighted_sum[(tokens, triton_cdiv(hidden, SUM_BLOCK))](y, weights, out, hidden, TOP_K=top_k, BLOCK_H=SUM_BLOCK)
     return out
+
+
+def compile_kernels(gate_up, down, top_k: int) -> None:
+    """Compile the kernels for every row-block height on stand-in weights of the real ones' format and shape (the
+    expert count and token count are not specialized on), so that no prompt waits for Triton's compiler."""
+    hidden = gate_up.shape[2]
+    device = (gate_up.qweight if isinstance(gate_up, QuantizedWeight) else gate_up).device
+    x = torch.zeros(4, hidden, dtype=torch.bfloat16, device=device)
+    ids = torch.arange(4 * top_k, device=device).view(4, top_k) % gate_up.shape[0]
+    weights = torch.ones(4, top_k, device=device)
+    for block_m in (16, 32, 64, 128):
+        fused_experts(x, gate_up, down, ids, weights, block_m=block_m)
 
 
 def pick_tiles(kernel: str, fmt: str, group: int, k: int, block_m: int) -> tuple[int, int, int, int]:
@@ -193,7 +206,7 @@ if triton is not None:
         pair = tl.join(low, high)  # [BLOCK_K / 2, BLOCK_N, 2]: columns 2j and 2j + 1 side by side
         return tl.reshape(tl.permute(pair, (0, 2, 1)), (BLOCK_K, pair.shape[1]))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["pairs", "top_k", "num_experts"])
     def _gate_up(x_ptr, q_ptr, s_ptr, rows_ptr, block_expert_ptr, h_ptr, pairs, top_k, num_experts, K, N,
                  FORMAT: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr):  # fmt: skip
@@ -226,7 +239,7 @@ if triton is not None:
         h = (act * acc_up.to(tl.bfloat16).to(tl.float32)).to(tl.bfloat16)
         tl.store(h_ptr + m[:, None].to(tl.int64) * N + n[None, :], h, mask=n_mask[None, :])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["pairs", "num_experts"])
     def _down(h_ptr, q_ptr, s_ptr, rows_ptr, block_expert_ptr, y_ptr, pairs, num_experts, K, N,
               FORMAT: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr):  # fmt: skip
