@@ -1,70 +1,117 @@
-"""Tuning sweep for the CPU quant kernels: build variants with other compile-time constants (rows per tile,
-prefetch distance) and time the V2-Lite MoE layer call and one large matrix for each, next to read bandwidth.
+"""A/B of CPU kernel builds: other compile-time constants (rows per tile, prefetch distance, work item sizes) or
+another git revision's kernels, timed in turns on the V2-Lite MoE layer call and one large matrix, next to
+read bandwidth. Medians over --repeats rounds; each round times every variant once, so drift hits all alike.
 
-    python bench/kernel_variants.py --threads 16 --variant default --variant KRASIS_NR=8 --variant KRASIS_PREFETCH=4096
+    python bench/kernel_variants.py --threads 16 --variant git:0552095 --variant default --variant KRASIS_GU_ROWS=64
 """
 
 import argparse
+import statistics
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent))
 from kernels import GB, STREAM_SHAPE, V2_LITE_EXPERTS, random_quantized, time_calls  # noqa: E402
 
 from krasis.bench.limits import read_bandwidth  # noqa: E402
 from krasis.common.quant.cpu_kernels import FORMAT_CODES, build_extension  # noqa: E402
 from krasis.common.quant.formats import QuantSpec  # noqa: E402
 
+CSRC = "krasis/common/quant/csrc"
+TOKENS = (1, 16)
 
-def experts_rate(ops, fmt: str, tokens: int, gen: torch.Generator, min_seconds: float) -> float:
+
+def build_variant(variant: str, scratch: Path):
+    """'default', 'NAME=VALUE[,NAME=VALUE]' or 'git:REV' (that revision's csrc/, as committed)."""
+    if variant == "default":
+        return build_extension()
+    if not variant.startswith("git:"):
+        return build_extension(defines=tuple(variant.split(",")))
+    rev, repo = variant[4:], Path(__file__).resolve().parent.parent
+    target = scratch / rev
+    target.mkdir(parents=True, exist_ok=True)
+    names = subprocess.run(["git", "ls-tree", "--name-only", f"{rev}:{CSRC}"], cwd=repo, check=True,
+                           capture_output=True, text=True).stdout.split()  # fmt: skip
+    for name in names:
+        blob = subprocess.run(["git", "show", f"{rev}:{CSRC}/{name}"], cwd=repo, check=True, capture_output=True)
+        (target / name).write_bytes(blob.stdout)
+    return build_extension(source_dir=target)
+
+
+def experts_case(fmt: str, tokens: int, gen: torch.Generator):
+    """(bytes a call reads, fn(ops, i) making call i): bf16 x, weights cycled over 6 layers, 32 routings."""
     num_experts, inter, hidden, top_k = V2_LITE_EXPERTS
-    spec = QuantSpec(fmt)
+    spec, code = QuantSpec(fmt), FORMAT_CODES[fmt]
     stacks = [(random_quantized(spec, (num_experts, 2 * inter, hidden), gen),
-               random_quantized(spec, (num_experts, hidden, inter), gen)) for _ in range(6)]
+               random_quantized(spec, (num_experts, hidden, inter), gen)) for _ in range(6)]  # fmt: skip
     per_expert = (stacks[0][0].nbytes + stacks[0][1].nbytes) / num_experts
-    routes = [torch.stack([torch.randperm(num_experts, generator=gen)[:top_k] for _ in range(tokens)]) for _ in range(32)]
-    x, weights, code = torch.randn(tokens, hidden, generator=gen), torch.rand(tokens, top_k), FORMAT_CODES[fmt]
-
-    def call(ids, gu, dn):
-        return ops.experts(x, gu.qweight, gu.scales, code, spec.group_for(hidden), dn.qweight, dn.scales, code,
-                           spec.group_for(inter), ids, weights)
-
-    calls = [lambda ids, gu=gu, dn=dn: call(ids, gu, dn) for gu, dn in stacks]
-    seconds = time_calls(calls, lambda i: (routes[i % len(routes)],), min_seconds)
+    routes = [torch.stack([torch.randperm(num_experts, generator=gen)[:top_k] for _ in range(tokens)])
+              for _ in range(32)]  # fmt: skip
+    x, weights = torch.randn(tokens, hidden, generator=gen).to(torch.bfloat16), torch.rand(tokens, top_k)
     hit = sum(len(torch.unique(r)) for r in routes) / len(routes)
-    return hit * per_expert / seconds / GB
+
+    def call(ops, i):
+        gu, dn = stacks[i % len(stacks)]
+        return ops.experts(x, gu.qweight, gu.scales, code, spec.group_for(hidden), dn.qweight, dn.scales, code,
+                           spec.group_for(inter), routes[i % len(routes)], weights)  # fmt: skip
+
+    return hit * per_expert, call
 
 
-def stream_rate(ops, fmt: str, gen: torch.Generator, min_seconds: float) -> float:
+def stream_case(fmt: str, gen: torch.Generator):
     k, n = STREAM_SHAPE
     spec = QuantSpec(fmt)
     w = random_quantized(spec, (1, n, k), gen)[0]
     x = torch.randn(1, k, generator=gen)
-    seconds = time_calls([lambda: ops.linear(x, w.qweight, w.scales, FORMAT_CODES[fmt], spec.group_for(k))], lambda i: (), min_seconds)
-    return w.nbytes / seconds / GB
+    return w.nbytes, lambda ops, i: ops.linear(x, w.qweight, w.scales, FORMAT_CODES[fmt], spec.group_for(k))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--variant", action="append", default=[], help="'default' or NAME=VALUE[,NAME=VALUE]")
+    p.add_argument("--variant", action="append", default=[], help="'default', NAME=VALUE[,NAME=VALUE] or git:REV")
     p.add_argument("--formats", default="q4")
-    p.add_argument("--min-seconds", type=float, default=0.5)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--min-seconds", type=float, default=0.3)
+    p.add_argument("--no-stream", action="store_true", help="skip the large-matrix case")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    best, _ = read_bandwidth(2.0)
-    print(f"read bandwidth {best:.1f} GB/s ({args.threads} threads)")
-    print(f"{'variant':<36}{'fmt':>4}{'experts T=1':>13}{'T=16':>8}{'stream M=1':>12}")
-    for variant in args.variant or ["default"]:
-        defines = () if variant == "default" else tuple(variant.split(","))
-        ops = build_extension(defines=defines)
-        for fmt in args.formats.split(","):
-            gen = torch.Generator().manual_seed(0)
-            one, sixteen = (experts_rate(ops, fmt, t, gen, args.min_seconds) for t in (1, 16))
-            stream = stream_rate(ops, fmt, gen, args.min_seconds)
-            print(f"{variant:<36}{fmt:>4}{one:>8.1f} ({one / best:.0%}){sixteen:>8.1f}{stream:>7.1f} ({stream / best:.0%})",
-                  flush=True)
+    variants = args.variant or ["default"]
+    scratch = Path(tempfile.gettempdir()) / "krasis-kernel-variants"  # a stable path: its builds are reused
+    builds = {}
+    for variant in variants:
+        try:
+            builds[variant] = build_variant(variant, scratch)
+        except (OSError, subprocess.CalledProcessError) as exc:  # no git, or no such revision here
+            print(f"{variant}: skipped ({exc})", flush=True)
+    variants = list(builds)
+    gen = torch.Generator().manual_seed(0)
+    cases = {}
+    for fmt in args.formats.split(","):
+        cases |= {f"{fmt} experts T={t}": experts_case(fmt, t, gen) for t in TOKENS}
+        if not args.no_stream:
+            cases[f"{fmt} stream M=1"] = stream_case(fmt, gen)
+    rates, bandwidth = {}, []
+    for _ in range(args.repeats):
+        bandwidth.append(read_bandwidth(1.0)[0])
+        for case, (nbytes, call) in cases.items():
+            for variant, ops in builds.items():
+                seconds, _ = time_calls([lambda i, ops=ops: call(ops, i)], lambda i: (i,), args.min_seconds)
+                rates.setdefault((case, variant), []).append(nbytes / seconds / GB)
+    best = max(bandwidth)
+    print(f"read bandwidth best {best:.1f} GB/s, median {statistics.median(bandwidth):.1f} ({args.threads} threads); "
+          f"GB/s median of {args.repeats} (of best bandwidth) [min-max]")
+    print(f"{'case':<20}" + "".join(f"{v:>28}" for v in variants))
+    for case in cases:
+        cells = []
+        for variant in variants:
+            r = rates[case, variant]
+            cells.append(f"{statistics.median(r):.1f} ({statistics.median(r) / best:.0%}) [{min(r):.0f}-{max(r):.0f}]")
+        print(f"{case:<20}" + "".join(f"{c:>28}" for c in cells), flush=True)
 
 
 if __name__ == "__main__":

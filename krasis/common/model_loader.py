@@ -7,7 +7,7 @@ import torch
 from krasis.common.model_config import read_hf_config
 from krasis.common.models import model_class
 from krasis.common.quant.cache import ensure_cache, open_cache
-from krasis.common.quant.modules import swap_in_quantized
+from krasis.common.quant.modules import swap_in_quantized, use_decode_linears
 from krasis.common.quant.plan import QuantPlan
 from krasis.common.weights.checkpoint import CheckpointError, CheckpointReader
 from krasis.common.weights.load import load_weights
@@ -55,6 +55,8 @@ def load_model(
     model = materialize(model, dtype, device)
     optional = ("lm_head.weight",) if model.config.tie_word_embeddings else ()
     load_weights(model, reader, optional=optional)
+    if torch.device(device).type == "cpu":
+        use_decode_linears(model)  # bf16 decode-sized products through the CPU kernels
     return model.eval().requires_grad_(False)
 
 

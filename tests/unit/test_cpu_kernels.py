@@ -1,4 +1,5 @@
-"""CPU quant kernels equal dequantize-then-matmul, for both formats, x dtypes and row counts.
+"""CPU decode kernels: quant kernels equal dequantize-then-matmul, for both formats, x dtypes and row counts; the
+bf16 kernel equals a float reference (and F.linear) within bf16 rounding.
 
 q4 kernels multiply activations rounded to int8 per 32 values (`kernel_input`); the references round the same way.
 """
@@ -11,8 +12,18 @@ import torch
 import torch.nn.functional as F
 
 from krasis.common.quant import cpu_kernels
-from krasis.common.quant.cpu_kernels import int8_activations, kernel_backend, kernel_input, quant_experts, quant_linear
+from krasis.common.quant.cpu_kernels import (
+    DENSE_MAX_ROWS,
+    bf16_backend,
+    bf16_linear,
+    int8_activations,
+    kernel_backend,
+    kernel_input,
+    quant_experts,
+    quant_linear,
+)
 from krasis.common.quant.formats import QuantizedWeight, QuantSpec, dequantize, quantize
+from krasis.common.quant.modules import DecodeLinear, swap_in_quantized
 
 SPECS = ["q8", "q8:channel", "q4", "q4:g128"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -33,6 +44,7 @@ def assert_close_to_fp64(actual, x, weight64, expected64):
 
 def test_kernel_backend_is_the_compiled_extension():
     assert kernel_backend() in ("cpp-avx512", "cpp-avx2", "cpp-scalar")
+    assert bf16_backend() in ("cpp-avx512bf16", "cpp-avx512", "cpp-avx2", "cpp-scalar")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -120,6 +132,27 @@ def test_quant_experts_equals_per_expert_reference(route, specs, dtype):
     assert (y.double() - expected).abs().max() <= tolerance
 
 
+def test_quant_experts_gives_the_same_bits_on_any_thread_count():
+    """Every output element is summed in one fixed order (experts, then pairs, ascending) by whichever thread
+    owns its columns, so oversubscribed threads waiting on each other change nothing."""
+    num_experts, hidden, inter, tokens, top_k = 16, 256, 160, 7, 4
+    gate_up = make_weight("q4", (num_experts, 2 * inter, hidden), seed=11)
+    down = make_weight("q4", (num_experts, hidden, inter), seed=12)
+    g = torch.Generator().manual_seed(13)
+    topk_ids = torch.stack([torch.randperm(num_experts, generator=g)[:top_k] for _ in range(tokens)])
+    topk_weights = torch.rand(tokens, top_k, generator=g)
+    x = torch.randn(tokens, hidden, generator=g).to(torch.bfloat16)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 3, 8):
+            torch.set_num_threads(count)
+            results.append(quant_experts(x, gate_up, down, topk_ids, topk_weights))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(results[0], r) for r in results[1:])
+
+
 def test_quant_experts_over_many_random_tokens():
     num_experts, hidden, inter, tokens, top_k = 16, 128, 96, 16, 4
     gate_up = make_weight("q4", (num_experts, 2 * inter, hidden), seed=5)
@@ -143,11 +176,22 @@ def test_quant_experts_rejects_unknown_expert(use_torch, bad, monkeypatch):
         quant_experts(torch.randn(1, 64), gate_up, down, torch.tensor([[0, bad]]), torch.ones(1, 2))
 
 
+def test_quant_experts_rejects_routing_tensors_the_kernel_cannot_read():
+    gate_up, down = make_weight("q4", (4, 64, 64), seed=8), make_weight("q4", (4, 64, 32), seed=9)
+    with pytest.raises(ValueError, match="the kernel cannot read .* topk_ids torch.float32"):
+        quant_experts(torch.randn(1, 64), gate_up, down, torch.tensor([[0.0, 1.0]]), torch.ones(1, 2))
+
+
 def test_kernels_reject_non_contiguous_weights():
     qw = make_weight("q8", (8, 128))
     strided = QuantizedWeight(qw.spec, qw.shape, qw.qweight.T.contiguous().T, qw.scales)
     with pytest.raises(ValueError, match="must be contiguous CPU tensors"):
         quant_linear(torch.randn(1, 128), strided)
+    gate_up, down = make_weight("q4", (4, 64, 64)), make_weight("q4", (4, 64, 32))
+    strided = QuantizedWeight(gate_up.spec, gate_up.shape, gate_up.qweight.transpose(1, 2).contiguous().transpose(1, 2),
+                              gate_up.scales)  # fmt: skip
+    with pytest.raises(ValueError, match="must be contiguous CPU tensors"):
+        quant_experts(torch.randn(1, 64), strided, down, torch.tensor([[0]]), torch.ones(1, 1))
 
 
 def test_quant_experts_rejects_mismatched_stacks():
@@ -192,6 +236,9 @@ def test_portable_build_uses_scalar_path_and_matches():
     y = ops.linear(x, qw.qweight, qw.scales, cpu_kernels.FORMAT_CODES["q4"], 32)
     weight64, x_in = dequantize(qw).double(), kernel_input(x, qw)
     assert_close_to_fp64(y, x_in, weight64, x_in.double() @ weight64.T)
+    assert ops.bf16_isa() == "scalar"
+    x, weight, bias = bf16_inputs(3, 200, 70, bias=True)
+    assert_bf16_linear_exact(ops.dense_bf16(x, weight, bias, 3), x, weight, bias)
 
 
 def test_empty_batch_gives_empty_output():
@@ -200,3 +247,89 @@ def test_empty_batch_gives_empty_output():
     gate_up, down = make_weight("q4", (4, 64, 128)), make_weight("q4", (4, 128, 32))
     out = quant_experts(torch.randn(0, 128), gate_up, down, torch.zeros(0, 2, dtype=torch.long), torch.ones(0, 2))
     assert out.shape == (0, 128)
+
+
+def bf16_inputs(m: int, k: int, n: int, bias: bool, seed: int = 20):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    weight = (torch.randn(n, k, generator=g) / k**0.5).to(torch.bfloat16)
+    return x, weight, (torch.randn(n, generator=g).to(torch.bfloat16) if bias else None)
+
+
+def assert_bf16_linear_exact(y, x, weight, bias):
+    """Against the fp64 product of the same bf16 values: fp32 sums in any order, then one bf16 rounding."""
+    expected = x.double() @ weight.double().T + (0 if bias is None else bias.double())
+    bound = x.shape[1] * 2**-24 * (x.double().abs() @ weight.double().abs().T) + 2**-8 * expected.abs()
+    assert y.dtype == torch.bfloat16 and y.shape == expected.shape
+    assert ((y.double() - expected).abs() <= bound).all(), (y.double() - expected).abs().max()
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 16])
+# N=70: a ragged last tile; N=3: fewer rows than a tile; K=200: not a multiple of any SIMD step; K=2048: V2-Lite
+@pytest.mark.parametrize("k,n", [(256, 70), (200, 3), (2048, 40)])
+def test_bf16_linear_equals_float_reference(k, n, m, bias):
+    x, weight, b = bf16_inputs(m, k, n, bias)
+    y = bf16_linear(x, weight, b)
+    assert_bf16_linear_exact(y, x, weight, b)
+    # and F.linear's result to within a rounding step of bf16 (both sum in fp32, in different orders)
+    reference = F.linear(x, weight, b).double()
+    assert ((y.double() - reference).abs() <= 2**-7 * reference.abs() + 1e-6).all()
+
+
+def test_bf16_linear_rejects_what_it_cannot_read():
+    x, weight, _ = bf16_inputs(2, 64, 8, bias=False)
+    with pytest.raises(ValueError, match=r"x \(2, 32\) and weight \(8, 64\)"):
+        bf16_linear(x[:, :32], weight)
+    with pytest.raises(ValueError, match="bf16 CPU tensors"):
+        bf16_linear(x.float(), weight)
+    with pytest.raises(ValueError, match=r"bias \(7,\)"):
+        bf16_linear(x, weight, torch.zeros(7, dtype=torch.bfloat16))
+
+
+def test_bf16_linear_falls_back_to_f_linear(monkeypatch):
+    x, weight, b = bf16_inputs(3, 128, 16, bias=True)
+    monkeypatch.setattr(cpu_kernels, "_ops", lambda: None)
+    assert torch.equal(bf16_linear(x, weight, b), F.linear(x, weight, b))
+
+
+def decode_linear(k: int, n: int, bias: bool, dtype=torch.bfloat16) -> DecodeLinear:
+    layer = torch.nn.Linear(k, n, bias=bias).to(dtype).requires_grad_(False)
+    layer.__class__ = DecodeLinear
+    return layer
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+def test_decode_linear_takes_the_kernel_up_to_16_rows_and_f_linear_above(bias):
+    layer = decode_linear(256, 48, bias)
+    for shape in [(1, 256), (2, 8, 256), (DENSE_MAX_ROWS, 256)]:
+        x = torch.randn(shape).to(torch.bfloat16)
+        y = layer(x)
+        assert y.shape == (*shape[:-1], 48)
+        assert torch.equal(y.reshape(-1, 48), bf16_linear(x.reshape(-1, 256), layer.weight, layer.bias))
+        assert_bf16_linear_exact(y.reshape(-1, 48), x.reshape(-1, 256), layer.weight, layer.bias)
+    x = torch.randn(DENSE_MAX_ROWS + 1, 256).to(torch.bfloat16)
+    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+def test_decode_linear_leaves_fp32_and_autograd_to_f_linear():
+    layer = decode_linear(64, 8, bias=True, dtype=torch.float32)
+    x = torch.randn(1, 64)
+    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    layer = decode_linear(64, 8, bias=False).requires_grad_(True)
+    x = torch.randn(1, 64).to(torch.bfloat16)
+    y = layer(x)
+    assert y.requires_grad and torch.equal(y, F.linear(x, layer.weight))
+
+
+def test_swap_in_quantized_routes_the_unquantized_linears_but_not_routers():
+    model = torch.nn.Module()
+    model.self_attn = torch.nn.Module()
+    model.self_attn.q_proj, model.self_attn.o_proj = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
+    model.mlp = torch.nn.Module()
+    model.mlp.gate = torch.nn.Linear(64, 4, bias=False)
+    model.lm_head = torch.nn.Linear(64, 100, bias=False)
+    swap_in_quantized(model, {"self_attn.o_proj.weight": quantize(torch.randn(64, 64), QuantSpec("q8", 32))})
+    assert type(model.self_attn.q_proj) is DecodeLinear and type(model.lm_head) is DecodeLinear
+    assert type(model.mlp.gate) is torch.nn.Linear
+    assert type(model.self_attn.o_proj).__name__ == "QuantLinear"

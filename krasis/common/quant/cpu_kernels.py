@@ -1,9 +1,11 @@
-"""CPU decode kernels over q8/q4 weights: one linear, and a layer's whole routed-expert MoE in one call.
+"""CPU decode kernels: q8/q4 weights (one linear, and a layer's whole routed-expert MoE in one call), and
+bf16 weights at decode sizes (up to DENSE_MAX_ROWS rows).
 
 q8 weights multiply the activations as they are (fp32); q4 weights multiply activations quantized to
 int8 per 32 values (`int8_activations`), in integer dot products: int4 unpacked to fp32 made q4 decode
-compute-bound. The C++ extension (csrc/) is built on first use with -march=native into torch's
-extensions cache (torch's build lock keeps concurrent first uses to one build); if it cannot build,
+compute-bound. bf16 weights meet bf16 activations (AVX-512 BF16 `vdpbf16ps` where the CPU has it), summed
+in fp32 and rounded once, as F.linear. The C++ extension (csrc/) is built on first use with -march=native
+into torch's extensions cache (torch's build lock keeps concurrent first uses to one build); if it cannot build,
 the same functions run as dequantize-then-matmul in torch, after a one-line warning.
 """
 
@@ -20,9 +22,11 @@ from krasis.common.layers.mlp import activation
 from krasis.common.quant.formats import QuantizedWeight, dequantize
 
 FORMAT_CODES = {"q8": 0, "q4": 1}  # as Q8 / Q4 in the C++ source
-_SOURCE = Path(__file__).parent / "csrc" / "quant_kernels.cpp"
-_HEADERS = (Path(__file__).parent / "csrc" / "q4_int8.h",)
+_CSRC = Path(__file__).parent / "csrc"  # quant_kernels.cpp and the headers it includes
 _CPP_ACTIVATIONS = ("silu", "swish")
+DENSE_MAX_ROWS = 16  # bf16_linear's kernel reads the weight once for all rows; above this torch's GEMM wins
+_NO_BIAS = torch.empty(0, dtype=torch.bfloat16)
+_EXPERTS_OK = -1  # the experts op's status: -1 done, >= 0 an unknown expert at that index of topk_ids, -2 bad input
 
 
 def _cpu_tag() -> str:
@@ -34,20 +38,25 @@ def _cpu_tag() -> str:
     return hashlib.sha1(model.encode()).hexdigest()[:8]
 
 
-def build_extension(march: str = "native", defines: tuple[str, ...] = ()):
+def build_extension(march: str = "native", defines: tuple[str, ...] = (), source_dir: Path | None = None):
     """Compile (or reuse the cached build of) the kernels for -march=`march`; returns their torch.ops namespace.
 
-    `defines` ("KRASIS_NR=8", ...) override the source's tuning constants, for benchmarks.
+    `defines` ("KRASIS_NR=8", ...) override the source's tuning constants, and `source_dir` replaces csrc/
+    (another revision's kernels), for benchmarks.
     """
     from torch.utils import cpp_extension
 
-    variant = hashlib.sha1(" ".join(defines).encode()).hexdigest()[:6] if defines else "default"
+    csrc = source_dir or _CSRC
+    source = csrc / "quant_kernels.cpp"
     # torch rebuilds when the .cpp changes, not a header it includes: the headers name the build.
-    headers = hashlib.sha1(b"".join(h.read_bytes() for h in _HEADERS)).hexdigest()[:6]
+    headers = hashlib.sha1(b"".join(h.read_bytes() for h in sorted(csrc.glob("*.h")))).hexdigest()[:6]
+    variant = "default"
+    if defines or source_dir:
+        variant = hashlib.sha1(" ".join([*defines, str(source_dir or "")]).encode()).hexdigest()[:6]
     name = f"krasis_quant_{march.replace('-', '_')}_{_cpu_tag()}_{variant}_{headers}"
     flags = ["-O3", f"-march={march}", "-fopenmp", f"-DKRASIS_OPS_NS={name}", *(f"-D{d}" for d in defines)]
     cpp_extension.load(
-        name=name, sources=[str(_SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+        name=name, sources=[str(source)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
         is_python_module=False, verbose=False,
     )
     return getattr(torch.ops, name)
@@ -81,6 +90,12 @@ def kernel_backend() -> str:
     return "torch" if ops is None else f"cpp-{ops.isa()}"
 
 
+def bf16_backend() -> str:
+    """bf16_linear's kernel: "cpp-avx512bf16" (vdpbf16ps), "cpp-avx512", "cpp-avx2", "cpp-scalar", or "torch"."""
+    ops = _ops()
+    return "torch" if ops is None else f"cpp-{ops.bf16_isa()}"
+
+
 def quant_linear(x: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
     """x: [M, K] bf16/fp32 on the CPU, qw: [N, K] -> [M, N] in x.dtype, accumulated in fp32."""
     _check_x(x, qw, "quant_linear")
@@ -90,7 +105,10 @@ def quant_linear(x: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
     ops = _ops()
     if ops is None:
         return torch_quant_linear(x, qw)
-    return ops.linear(x, qw.qweight, qw.scales, FORMAT_CODES[qw.spec.format], qw.spec.group_for(qw.shape[-1]))
+    y = ops.linear(x, qw.qweight, qw.scales, FORMAT_CODES[qw.spec.format], qw.spec.group_for(qw.shape[-1]))
+    if y is None:
+        raise ValueError(f"quant_linear: the kernel cannot read x {x.dtype} {tuple(x.shape)} with weight {qw.shape}")
+    return y
 
 
 def quant_experts(
@@ -106,18 +124,55 @@ def quant_experts(
     For every (token, expert) pair down(act(gate) * up) * weight, summed over k in fp32. Pairs are
     grouped by expert, so each selected expert's weights are read once for all its tokens.
     """
-    _check_experts(x, gate_up, down, topk_ids, topk_weights)
     ops = _ops() if act in _CPP_ACTIVATIONS else None
     if ops is None:
+        _check_experts(x, gate_up, down, topk_ids, topk_weights)
         return torch_quant_experts(x, gate_up, down, topk_ids, topk_weights, act)
-    out, unknown = ops.experts(
-        x, gate_up.qweight, gate_up.scales, FORMAT_CODES[gate_up.spec.format], gate_up.spec.group_for(x.shape[1]),
-        down.qweight, down.scales, FORMAT_CODES[down.spec.format], down.spec.group_for(down.shape[-1]),
+    # The kernel tests its inputs itself (no Python checks on the decode path) and reports what it rejects.
+    hidden, inter = gate_up.shape[-1], down.shape[-1]
+    out, status = ops.experts(
+        x, gate_up.qweight, gate_up.scales, FORMAT_CODES[gate_up.spec.format], gate_up.spec.group_for(hidden),
+        down.qweight, down.scales, FORMAT_CODES[down.spec.format], down.spec.group_for(inter),
         topk_ids, topk_weights,
     )
-    if unknown >= 0:
-        _raise_unknown_expert(topk_ids.reshape(-1)[unknown].item(), gate_up.shape[0])
+    if status != _EXPERTS_OK:
+        _check_experts(x, gate_up, down, topk_ids, topk_weights)  # raises, naming what does not fit
+        if status >= 0:
+            _raise_unknown_expert(topk_ids.reshape(-1)[status].item(), gate_up.shape[0])
+        raise ValueError(
+            f"quant_experts: the kernel cannot read x {x.dtype} {tuple(x.shape)}, topk_ids {topk_ids.dtype} on "
+            f"{topk_ids.device}, topk_weights {topk_weights.dtype} on {topk_weights.device}"
+        )
     return out
+
+
+def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear for bf16 CPU tensors, x: [M, K], weight: [N, K], bias: [N] -> [M, N] bf16, sums in fp32."""
+    _check_bf16_linear(x, weight, bias)
+    y = None if x.shape[0] == 0 else _dense_bf16(x, weight.contiguous(), bias, max_rows=x.shape[0])
+    return F.linear(x, weight, bias) if y is None else y
+
+
+def decode_bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """F.linear(x, weight, bias) through the bf16 kernel where it takes them (bf16 CPU tensors without autograd,
+    x [..., K] of 1 to DENSE_MAX_ROWS rows, a contiguous weight), else None. The kernel tests all that itself:
+    this runs for every linear of every decode token."""
+    return _dense_bf16(x, weight, bias, DENSE_MAX_ROWS)
+
+
+def _dense_bf16(x, weight, bias, max_rows: int) -> torch.Tensor | None:
+    ops = _ops()
+    return None if ops is None else ops.dense_bf16(x, weight, _NO_BIAS if bias is None else bias, max_rows)
+
+
+def _check_bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"bf16_linear: x {tuple(x.shape)} and weight {tuple(weight.shape)} are not [M, K] and [N, K]")
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    if any(t.dtype != torch.bfloat16 or t.device.type != "cpu" for t in tensors):
+        raise ValueError("bf16_linear: x, weight and bias must be bf16 CPU tensors")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bf16_linear: bias {tuple(bias.shape)} does not match weight {tuple(weight.shape)}")
 
 
 def int8_activations(x: torch.Tensor) -> torch.Tensor:

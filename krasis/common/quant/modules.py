@@ -1,11 +1,13 @@
 """Model modules over quantized weights, and swapping a cache's quantized weights into a model."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from krasis.common.layers.moe import StackedExperts
-from krasis.common.quant.cpu_kernels import quant_linear
+from krasis.common.quant.cpu_kernels import decode_bf16_linear, quant_linear
 from krasis.common.quant.formats import QuantizedWeight
+from krasis.common.quant.plan import ROUTER_SUFFIXES
 
 
 class QuantLinear(nn.Module):
@@ -22,8 +24,27 @@ class QuantLinear(nn.Module):
         return out if self.bias is None else out + self.bias
 
 
+class DecodeLinear(nn.Linear):
+    """nn.Linear whose bf16 CPU products of up to DENSE_MAX_ROWS rows (decode steps) go through the bf16 GEMV
+    kernel, which streams the weight near read bandwidth; anything else is F.linear, as nn.Linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., K] -> [..., N]
+        y = decode_bf16_linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias) if y is None else y
+
+
+def use_decode_linears(model: nn.Module) -> None:
+    """Make every plain nn.Linear of `model` a DecodeLinear (same parameters), routers excepted: their bf16
+    rounding decides which experts run, so they keep torch's."""
+    for name, module in model.named_modules():
+        if type(module) is nn.Linear and not f".{name}.weight".endswith(ROUTER_SUFFIXES):
+            module.__class__ = DecodeLinear
+
+
 def swap_in_quantized(model: nn.Module, quantized: dict[str, QuantizedWeight]) -> None:
-    """Replace each named weight (`...q_proj.weight`, `...experts.gate_up_proj`) by its quantized form."""
+    """Replace each named weight (`...q_proj.weight`, `...experts.gate_up_proj`) by its quantized form; the
+    linears left unquantized become DecodeLinear (the model is for the CPU decode kernels)."""
     for name, weight in quantized.items():
         module_name, attr = name.rsplit(".", 1)
         module = model.get_submodule(module_name)
@@ -36,3 +57,4 @@ def swap_in_quantized(model: nn.Module, quantized: dict[str, QuantizedWeight]) -
             module.use_quantized(attr, weight)
         else:
             raise ValueError(f"{name}: the model has no linear or experts weight there to quantize")
+    use_decode_linears(model)

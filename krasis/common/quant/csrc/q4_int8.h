@@ -65,43 +65,82 @@ inline int64_t chunk_offset(int64_t c, int64_t chunks, int64_t* odd_stride) {
   return 32 * (c - c % block) + 16 * (c % block);
 }
 
-// M rows of fp32 x [M, K], quantized once into buffers that outlive every QRow handed out.
-class Int8Rows {
+// The largest |x| of a chunk, and each x / d rounded half to even (the MXCSR default, as nearbyint):
+// vector division is IEEE exact, so the result equals cpu_kernels.int8_activations bit for bit.
+#if defined(__AVX512F__)
+inline float chunk_amax(const float* x) {
+  const __m512 a = _mm512_abs_ps(_mm512_loadu_ps(x)), b = _mm512_abs_ps(_mm512_loadu_ps(x + 16));
+  return _mm512_reduce_max_ps(_mm512_max_ps(a, b));
+}
+inline void round_chunk(const float* x, float d, int32_t* q) {
+  for (int i = 0; i < CHUNK; i += 16)
+    _mm512_storeu_si512(q + i, _mm512_cvtps_epi32(_mm512_div_ps(_mm512_loadu_ps(x + i), _mm512_set1_ps(d))));
+}
+#elif defined(__AVX2__)
+inline float chunk_amax(const float* x) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 m = _mm256_and_ps(_mm256_loadu_ps(x), abs_mask);
+  for (int i = 8; i < CHUNK; i += 8) m = _mm256_max_ps(m, _mm256_and_ps(_mm256_loadu_ps(x + i), abs_mask));
+  __m128 r = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  r = _mm_max_ps(r, _mm_movehl_ps(r, r));
+  return _mm_cvtss_f32(_mm_max_ss(r, _mm_movehdup_ps(r)));
+}
+inline void round_chunk(const float* x, float d, int32_t* q) {
+  for (int i = 0; i < CHUNK; i += 8)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i),
+                        _mm256_cvtps_epi32(_mm256_div_ps(_mm256_loadu_ps(x + i), _mm256_set1_ps(d))));
+}
+#else
+inline float chunk_amax(const float* x) {
+  float amax = 0.0f;
+  for (int i = 0; i < CHUNK; ++i) amax = std::max(amax, std::fabs(x[i]));
+  return amax;
+}
+inline void round_chunk(const float* x, float d, int32_t* q) {
+  for (int i = 0; i < CHUNK; ++i) q[i] = static_cast<int32_t>(std::nearbyint(x[i] / d));
+}
+#endif
+
+// Rows of int8 activations (K values each), filled chunk by chunk, possibly by several threads at
+// once (each chunk owns its bytes); grown, never shrunk, so that a reused buffer allocates nothing.
+class Int8Buffer {
  public:
-  Int8Rows(const float* x, int64_t m, int64_t k) : k_(k), q_(m * k), bias_(m * k / 8), d_(m * k / 8) {
-    at::parallel_for(0, m, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t j = begin; j < end; ++j) quantize_row(x + j * k, j);
-    });
+  void resize(int64_t rows, int64_t k) {
+    k_ = k;
+    grow(q_, rows * k);
+    grow(bias_, rows * k / 8);
+    grow(d_, rows * k / 8);
   }
   QRow row(int64_t j) const { return {q_.data() + j * k_, bias_.data() + j * k_ / 8, d_.data() + j * k_ / 8}; }
 
- private:
-  void quantize_row(const float* x, int64_t j) {
-    const int64_t chunks = k_ / CHUNK;
-    int8_t* q = q_.data() + j * k_;
-    for (int64_t c = 0; c < chunks; ++c) {
-      const float* xc = x + c * CHUNK;
-      float amax = 0.0f;
-      for (int i = 0; i < CHUNK; ++i) amax = std::max(amax, std::fabs(xc[i]));
-      const float d = amax / 127.0f;
-      int64_t odd;
-      int8_t* even_q = q + chunk_offset(c, chunks, &odd);
-      int32_t lane_sums[4] = {0, 0, 0, 0};
-      for (int i = 0; i < CHUNK / 2; ++i) {
-        const int8_t e = d > 0 ? static_cast<int8_t>(std::nearbyint(xc[2 * i] / d)) : 0;
-        const int8_t o = d > 0 ? static_cast<int8_t>(std::nearbyint(xc[2 * i + 1] / d)) : 0;
-        even_q[i] = e;
-        even_q[odd + i] = o;
-        lane_sums[i / 4] += e + o;
-      }
-      for (int l = 0; l < 4; ++l) {
-        bias_[j * k_ / 8 + 4 * c + l] = -8 * lane_sums[l];
-        d_[j * k_ / 8 + 4 * c + l] = d;
-      }
+  // Chunk c of row j from its 32 fp32 values xc.
+  void quantize_chunk(int64_t j, int64_t c, const float* xc) {
+    const float d = chunk_amax(xc) / 127.0f;
+    int32_t q[CHUNK] = {};
+    if (d > 0) round_chunk(xc, d, q);
+    int64_t odd;
+    int8_t* even_q = q_.data() + j * k_ + chunk_offset(c, k_ / CHUNK, &odd);
+    int32_t lane_sums[4] = {0, 0, 0, 0};
+    for (int i = 0; i < CHUNK / 2; ++i) {
+      even_q[i] = static_cast<int8_t>(q[2 * i]);
+      even_q[odd + i] = static_cast<int8_t>(q[2 * i + 1]);
+      lane_sums[i / 4] += q[2 * i] + q[2 * i + 1];
+    }
+    for (int l = 0; l < 4; ++l) {
+      bias_[j * k_ / 8 + 4 * c + l] = -8 * lane_sums[l];
+      d_[j * k_ / 8 + 4 * c + l] = d;
     }
   }
+  void quantize_row(int64_t j, const float* x) {
+    for (int64_t c = 0; c < k_ / CHUNK; ++c) quantize_chunk(j, c, x + c * CHUNK);
+  }
 
-  int64_t k_;
+ private:
+  template <class T>
+  static void grow(std::vector<T>& v, int64_t n) {
+    if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+  }
+  int64_t k_ = 0;
   std::vector<int8_t> q_;
   std::vector<int32_t> bias_;
   std::vector<float> d_;

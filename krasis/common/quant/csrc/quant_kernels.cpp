@@ -2,11 +2,12 @@
 // each weight tile while it is in cache, so the weight is read from memory once per call, whatever
 // M is. q8 weights are unpacked a 32-element chunk at a time into fp32 registers and multiplied
 // with fp32 FMAs (the scale applied per weight, q * scale exact, or per group for a single row);
-// q4 weights meet int8-quantized activations in integer dot products (q4_int8.h).
+// q4 weights meet int8-quantized activations in integer dot products (q4_int8.h). A layer's routed
+// experts run in one parallel region (moe_layer.h); bf16 weights at decode sizes in bf16_linear.h.
+// Nothing here throws: bad input comes back as a status for the Python wrappers to explain.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -93,6 +94,14 @@ inline float bf16_to_float(uint16_t h) {
   float f;
   std::memcpy(&f, &bits, sizeof f);
   return f;
+}
+
+// fp32 -> bf16 bits, round to nearest even, as c10::BFloat16.
+inline uint16_t float_to_bf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  if (std::isnan(f)) return 0x7FC0;
+  return static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
 }
 
 // One [N, K] quantized matrix (one expert of a stack).
@@ -213,13 +222,14 @@ void gemv_tile_fmt(int fmt, const QMatrix& w, int64_t n0, int64_t rows, const XR
 #endif
 constexpr int64_t CHUNKS_PER_THREAD = KRASIS_CHUNKS_PER_THREAD;
 
-// fn(begin, end) over [0, total). Dynamic: chunks handed to threads as they come free, so a core
-// that the host's other tenants slow down delays the call by one chunk, not by its whole share.
+// fn(begin, end) over [0, total), in chunks of at least `grain`. Dynamic: chunks handed to threads as
+// they come free, so a core that the host's other tenants slow down delays the call by one chunk,
+// not by its whole share.
 template <class F>
-void parallel_chunks(int64_t total, const F& fn) {
+void parallel_chunks(int64_t total, const F& fn, int64_t grain = 1) {
   const int64_t threads = at::get_num_threads();
-  if (!KRASIS_DYNAMIC || threads == 1) return at::parallel_for(0, total, 1, fn);
-  const int64_t chunk = std::max<int64_t>(1, total / (threads * CHUNKS_PER_THREAD));
+  if (!KRASIS_DYNAMIC || threads == 1) return at::parallel_for(0, total, grain, fn);
+  const int64_t chunk = std::max<int64_t>(grain, total / (threads * CHUNKS_PER_THREAD));
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min(threads, (total + chunk - 1) / chunk), 1, [&](int64_t, int64_t) {
     for (int64_t begin; (begin = next.fetch_add(chunk)) < total;) fn(begin, std::min(total, begin + chunk));
@@ -231,19 +241,22 @@ at::Tensor as_fp32(const at::Tensor& x) {
   return x.scalar_type() == at::kFloat ? x.contiguous() : x.to(at::kFloat).contiguous();
 }
 
-// M rows of x for a weight format: row pointers (q8), or the int8 rows those pointers quantize to (q4).
+// M rows of fp32 x for a weight format: row pointers (q8), or the int8 rows they quantize to (q4).
 struct Activations {
   std::vector<const float*> f;
-  std::unique_ptr<Int8Rows> int8;
+  Int8Buffer int8;
   std::vector<QRow> q;
 
-  // Row j is x + index[j] * k (index empty: row j is x + j * k), for `rows` rows.
-  Activations(int fmt, const float* x, int64_t n_x, int64_t k, const std::vector<int64_t>& index, int64_t rows) {
-    if (fmt == Q4) int8 = std::make_unique<Int8Rows>(x, n_x, k);
-    for (int64_t j = 0; j < rows; ++j) {
-      const int64_t i = index.empty() ? j : index[j];
-      if (fmt == Q4) q.push_back(int8->row(i));
-      else f.push_back(x + i * k);
+  Activations(int fmt, const float* x, int64_t m, int64_t k) {
+    if (fmt == Q4) {
+      int8.resize(m, k);
+      at::parallel_for(0, m, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t j = begin; j < end; ++j) int8.quantize_row(j, x + j * k);
+      });
+    }
+    for (int64_t j = 0; j < m; ++j) {
+      if (fmt == Q4) q.push_back(int8.row(j));
+      else f.push_back(x + j * k);
     }
   }
   XRows rows() const { return {f.empty() ? nullptr : f.data(), q.empty() ? nullptr : q.data()}; }
@@ -256,30 +269,28 @@ QMatrix matrix_view(const at::Tensor& q, const at::Tensor& s, int64_t group, int
   return QMatrix{qb, sb, n, k, group, q_row, s_row};
 }
 
-void check_weight(const at::Tensor& q, const at::Tensor& s, int64_t fmt, int64_t group, int64_t k, int64_t dims,
-                  const char* what) {
-  TORCH_CHECK_VALUE(fmt == Q8 || fmt == Q4, what, ": unknown format code ", fmt);
-  TORCH_CHECK_VALUE(q.device().is_cpu() && s.device().is_cpu(), what, ": weights must be on the CPU");
-  TORCH_CHECK_VALUE(q.dim() == dims && s.dim() == dims, what, ": expected ", dims, "-d qweight and scales");
-  TORCH_CHECK_VALUE(q.is_contiguous() && s.is_contiguous(), what, ": qweight and scales must be contiguous");
-  TORCH_CHECK_VALUE(q.scalar_type() == (fmt == Q8 ? at::kChar : at::kByte), what, ": qweight dtype ", q.scalar_type());
-  TORCH_CHECK_VALUE(s.scalar_type() == at::kBFloat16, what, ": scales must be bf16");
-  TORCH_CHECK_VALUE(group > 0 && group % CHUNK == 0 && k % group == 0, what, ": group ", group, " does not fit K=", k);
-  TORCH_CHECK_VALUE(q.size(-1) == (fmt == Q8 ? k : k / 2) && s.size(-1) == k / group, what, ": K=", k,
-              " does not match qweight ", q.sizes(), " / scales ", s.sizes());
-  TORCH_CHECK_VALUE(s.sizes().slice(0, dims - 1) == q.sizes().slice(0, dims - 1), what, ": qweight and scales disagree");
+// Whether q and s are a contiguous CPU weight [..., N, K] (dims dimensions) of format fmt with this
+// group size. A test, not a check that throws: a C++ exception from this library crashed the process
+// on the H100 machine (torch 2.11, gcc 13), so the kernels report bad input and Python explains it.
+bool weight_fits(const at::Tensor& q, const at::Tensor& s, int64_t fmt, int64_t group, int64_t k, int64_t dims) {
+  return (fmt == Q8 || fmt == Q4) && q.device().is_cpu() && s.device().is_cpu() && q.dim() == dims &&
+         s.dim() == dims && q.is_contiguous() && s.is_contiguous() &&
+         q.scalar_type() == (fmt == Q8 ? at::kChar : at::kByte) && s.scalar_type() == at::kBFloat16 && group > 0 &&
+         group % CHUNK == 0 && k % group == 0 && q.size(-1) == (fmt == Q8 ? k : k / 2) && s.size(-1) == k / group &&
+         s.sizes().slice(0, dims - 1) == q.sizes().slice(0, dims - 1);
 }
 
-// x: [M, K] fp32/bf16; qweight/scales: one [N, K] matrix -> [M, N] in x's dtype.
+// x: [M, K] fp32/bf16; qweight/scales: one [N, K] matrix -> [M, N] in x's dtype (undefined if they do not fit).
 at::Tensor linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, int64_t fmt,
                   int64_t group) {
-  TORCH_CHECK_VALUE(x.dim() == 2 && x.device().is_cpu(), "x must be a 2-d CPU tensor, got ", x.sizes());
+  if (x.dim() != 2 || !x.device().is_cpu() || (x.scalar_type() != at::kFloat && x.scalar_type() != at::kBFloat16) ||
+      !weight_fits(qweight, scales, fmt, group, x.size(1), 2))
+    return at::Tensor();  // None in Python: quant_linear validated, so this is a wrapper bug
   const int64_t m = x.size(0), k = x.size(1);
-  check_weight(qweight, scales, fmt, group, k, 2, "linear");
   const int64_t n = qweight.size(0);
   at::Tensor xf = as_fp32(x);
   at::Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat));
-  const Activations xs(static_cast<int>(fmt), xf.data_ptr<float>(), m, k, {}, m);
+  const Activations xs(static_cast<int>(fmt), xf.data_ptr<float>(), m, k);
   const QMatrix w = matrix_view(qweight, scales, group, k, 0);
   parallel_chunks((n + NR - 1) / NR, [&](int64_t begin, int64_t end) {
     std::vector<float*> ys(m);
@@ -292,130 +303,52 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tens
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
-// (token, slot) pairs grouped by expert, experts ascending, tokens ascending within one.
-struct Routing {
-  std::vector<int64_t> experts;  // the experts hit, ascending
-  std::vector<int64_t> start;    // experts[i]'s pairs are [start[i], start[i + 1])
-  std::vector<int64_t> token;    // per pair
-  std::vector<float> weight;     // per pair
-  int64_t unknown = -1;          // index into topk_ids of an expert id out of range, or -1
-};
+#include "moe_layer.h"
+#include "bf16_linear.h"
 
-Routing group_by_expert(const at::Tensor& topk_ids, const at::Tensor& topk_weights, int64_t num_experts) {
-  at::Tensor ids = topk_ids.to(at::kLong).contiguous();
-  at::Tensor wts = topk_weights.to(at::kFloat).contiguous();
-  const int64_t* id = ids.data_ptr<int64_t>();
-  const float* wt = wts.data_ptr<float>();
-  const int64_t pairs = ids.numel(), k = ids.size(1);
-  std::vector<int64_t> count(num_experts + 1, 0);
-  Routing out;
-  for (int64_t p = 0; p < pairs; ++p) {
-    if (id[p] < 0 || id[p] >= num_experts) {
-      out.unknown = p;
-      return out;
-    }
-    ++count[id[p] + 1];
-  }
-  for (int64_t e = 0; e < num_experts; ++e) {
-    if (count[e + 1] > 0) {
-      out.experts.push_back(e);
-      out.start.push_back(count[e]);
-    }
-    count[e + 1] += count[e];
-  }
-  out.start.push_back(pairs);
-  out.token.resize(pairs);
-  out.weight.resize(pairs);
-  for (int64_t p = 0; p < pairs; ++p) {
-    int64_t slot = count[id[p]]++;
-    out.token[slot] = p / k;
-    out.weight[slot] = wt[p];
-  }
-  return out;
+#ifndef KRASIS_BF16_MIN_BYTES
+#define KRASIS_BF16_MIN_BYTES 32768
+#endif
+
+// Whether dense_bf16 takes these: bf16 CPU tensors without autograd, x [..., K] of 1 to max_rows rows, a
+// contiguous weight [N, K], bias [N] or empty (numel 0: none).
+bool dense_bf16_fits(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, int64_t max_rows) {
+  const auto bf16 = at::kBFloat16;
+  if (x.scalar_type() != bf16 || w.scalar_type() != bf16 || !x.device().is_cpu() || !w.device().is_cpu() ||
+      w.dim() != 2 || x.dim() < 1 || w.size(0) == 0 || w.size(1) == 0 || x.size(-1) != w.size(1) ||
+      !w.is_contiguous() || x.requires_grad() || w.requires_grad())
+    return false;
+  if (bias.numel() > 0 && (bias.scalar_type() != bf16 || !bias.device().is_cpu() || bias.dim() != 1 ||
+                           bias.size(0) != w.size(0) || bias.requires_grad()))
+    return false;
+  const int64_t rows = x.numel() / w.size(1);
+  return rows > 0 && rows <= max_rows;
 }
 
-inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
-
-// act[pair][i] = silu(gate) * up, for rows [n0, n0 + rows) of I.
-void gate_up_tile(int gu_fmt, const QMatrix& gu, int64_t inter, int64_t n0, int64_t rows, const XRows& xs,
-                  int64_t m, float* act, int64_t pair0) {
-  float gate[MR][NR], up[MR][NR];
-  float* gs[MR];
-  float* us[MR];
-  for (int64_t j = 0; j < m; j += MR) {
-    const int64_t mr = std::min<int64_t>(MR, m - j);
-    for (int64_t i = 0; i < mr; ++i) {
-      gs[i] = gate[i];
-      us[i] = up[i];
-    }
-    gemv_tile_fmt(gu_fmt, gu, n0, rows, xs.from(j), gs, mr);
-    gemv_tile_fmt(gu_fmt, gu, inter + n0, rows, xs.from(j), us, mr);
-    for (int64_t i = 0; i < mr; ++i)
-      for (int64_t r = 0; r < rows; ++r) act[(pair0 + j + i) * inter + n0 + r] = silu(gate[i][r]) * up[i][r];
-  }
-}
-
-// The routed experts of one layer: out[t] = sum_slot weight * down[e](silu(gate[e] x_t) * up[e] x_t), fp32 sum.
-// -> (out, -1), or (empty, index into topk_ids) for an unknown expert: bad input is reported, not
-// thrown, because a C++ exception thrown from this library crashed the process on the H100 machine
-// (torch 2.11, gcc 13). The Python wrappers validate everything else before calling.
-std::tuple<at::Tensor, int64_t> experts(const at::Tensor& x, const at::Tensor& gu_q, const at::Tensor& gu_s, int64_t gu_fmt,
-                   int64_t gu_group, const at::Tensor& dn_q, const at::Tensor& dn_s, int64_t dn_fmt, int64_t dn_group,
-                   const at::Tensor& topk_ids, const at::Tensor& topk_weights) {
-  TORCH_CHECK_VALUE(x.dim() == 2 && x.device().is_cpu(), "x must be a 2-d CPU tensor, got ", x.sizes());
-  const int64_t tokens = x.size(0), hidden_in = x.size(1);
-  check_weight(gu_q, gu_s, gu_fmt, gu_group, hidden_in, 3, "gate_up");
-  const int64_t num_experts = gu_q.size(0), inter = gu_q.size(1) / 2;
-  TORCH_CHECK_VALUE(gu_q.size(1) == 2 * inter, "gate_up has an odd number of rows");
-  check_weight(dn_q, dn_s, dn_fmt, dn_group, inter, 3, "down");
-  TORCH_CHECK_VALUE(dn_q.size(0) == num_experts, "gate_up has ", num_experts, " experts, down ", dn_q.size(0));
-  TORCH_CHECK_VALUE(topk_ids.dim() == 2 && topk_ids.size(0) == tokens && topk_weights.sizes() == topk_ids.sizes(),
-              "topk_ids and topk_weights must both be [T, k] with T=", tokens);
-  const int64_t hidden_out = dn_q.size(1);
-  const Routing routing = group_by_expert(topk_ids, topk_weights, num_experts);
-  if (routing.unknown >= 0) return {at::empty({0}, x.options()), routing.unknown};
-  const int64_t hit = static_cast<int64_t>(routing.experts.size()), pairs = routing.start.back();
-
-  at::Tensor xf = as_fp32(x);
-  const Activations xs(static_cast<int>(gu_fmt), xf.data_ptr<float>(), tokens, hidden_in, routing.token, pairs);
-  std::vector<float> act(pairs * inter);
-  const int64_t tiles = (inter + NR - 1) / NR;
-  parallel_chunks(hit * tiles, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t h = item / tiles, n0 = item % tiles * NR, p0 = routing.start[h];
-      const QMatrix gu = matrix_view(gu_q, gu_s, gu_group, hidden_in, routing.experts[h]);
-      gate_up_tile(static_cast<int>(gu_fmt), gu, inter, n0, std::min<int64_t>(NR, inter - n0), xs.rows().from(p0),
-                   routing.start[h + 1] - p0, act.data(), p0);
-    }
-  });
-
-  at::Tensor out = at::zeros({tokens, hidden_out}, x.options().dtype(at::kFloat));
-  float* o = out.data_ptr<float>();
-  const Activations as(static_cast<int>(dn_fmt), act.data(), pairs, inter, {}, pairs);
-  // Each chunk is a range of output columns, walked through every hit expert's rows for it:
-  // contiguous streams per expert, and no two threads add into the same element.
-  parallel_chunks((hidden_out + NR - 1) / NR, [&](int64_t begin, int64_t end) {
-    float y[MR][NR];
-    float* ys[MR] = {y[0], y[1], y[2], y[3]};
-    for (int64_t h = 0; h < hit; ++h) {
-      const QMatrix dn = matrix_view(dn_q, dn_s, dn_group, inter, routing.experts[h]);
-      const int64_t p0 = routing.start[h], p1 = routing.start[h + 1];
-      for (int64_t n0 = begin * NR; n0 < std::min(end * NR, hidden_out); n0 += NR) {
-        const int64_t rows = std::min<int64_t>(NR, hidden_out - n0);
-        for (int64_t p = p0; p < p1; p += MR) {
-          const int64_t mr = std::min<int64_t>(MR, p1 - p);
-          gemv_tile_fmt(static_cast<int>(dn_fmt), dn, n0, rows, as.rows().from(p), ys, mr);
-          for (int64_t i = 0; i < mr; ++i)
-            for (int64_t r = 0; r < rows; ++r)
-              o[routing.token[p + i] * hidden_out + n0 + r] += routing.weight[p + i] * y[i][r];
-        }
-      }
-    }
-  });
-  return {x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type()), -1};
+// x: [..., K] bf16, w: [N, K] bf16, bias: [N] bf16 or empty -> [..., N] bf16, or an undefined tensor (None
+// in Python: "use F.linear") when dense_bf16_fits says no. Never throws.
+at::Tensor dense_bf16(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& bias_in, int64_t max_rows) {
+  if (!dense_bf16_fits(x_in, w, bias_in, max_rows)) return at::Tensor();
+  const int64_t k = w.size(1), n = w.size(0), m = x_in.numel() / k;
+  const at::Tensor x = x_in.reshape({m, k}).contiguous(), bias = bias_in.contiguous();
+  std::vector<int64_t> out_sizes(x_in.sizes().begin(), x_in.sizes().end());
+  out_sizes.back() = n;
+  at::Tensor y = at::empty(out_sizes, x.options());
+  const auto* xp = static_cast<const uint16_t*>(x.data_ptr());
+  const auto* wp = static_cast<const uint16_t*>(w.data_ptr());
+  const auto* bp = bias.numel() ? static_cast<const uint16_t*>(bias.data_ptr()) : nullptr;
+  auto* yp = static_cast<uint16_t*>(y.data_ptr());
+  // A tiny matrix goes to few threads: waking a core costs more than reading a few KB.
+  const int64_t tile_bytes = BR * k * 2;
+  parallel_chunks((n + BR - 1) / BR, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      bf16_rows(wp, xp, bp, yp, n, k, m, t * BR, std::min<int64_t>(BR, n - t * BR));
+  }, (KRASIS_BF16_MIN_BYTES + tile_bytes - 1) / tile_bytes);
+  return y;
 }
 
 std::string isa() { return ISA; }
+std::string bf16_isa() { return BF16_ISA; }
 
 }  // namespace
 
@@ -423,5 +356,7 @@ std::string isa() { return ISA; }
 KRASIS_LIBRARY(KRASIS_OPS_NS, m) {
   m.def("linear", &linear);
   m.def("experts", &experts);
+  m.def("dense_bf16", &dense_bf16);
   m.def("isa", &isa);
+  m.def("bf16_isa", &bf16_isa);
 }
