@@ -14,7 +14,6 @@ slots are summed in slot order (the reference sums in expert order): within bf16
 deterministic, so a streamed and a resident run give the same bits.
 """
 
-
 import torch
 
 from krasis.common.quant.formats import QuantizedWeight
@@ -33,13 +32,6 @@ def block_rows(pairs: int, num_experts: int) -> int:
     padding of each expert's last block stays a small share of its rows."""
     average = pairs / max(1, num_experts)
     return 128 if average >= 384 else 64 if average >= 96 else 32 if average >= 32 else 16
-
-
-def scratch_bytes(tokens: int, top_k: int, num_experts: int, hidden: int, inter: int, dtype_bytes: int = 2) -> int:
-    """Device memory `fused_experts` allocates for a chunk of `tokens` (the VRAM plan counts it)."""
-    pairs = tokens * top_k
-    capacity = _capacity(pairs, num_experts, block_rows(pairs, num_experts))
-    return capacity * (inter * dtype_bytes + 12) + pairs * (hidden * dtype_bytes + 24) + tokens * hidden * dtype_bytes
 
 
 def _capacity(pairs: int, num_experts: int, block_m: int) -> int:
