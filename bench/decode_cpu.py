@@ -16,20 +16,27 @@ import torch
 from krasis.bench.limits import read_bandwidth
 from krasis.bench.presets import preset_config
 from krasis.common.engine import EngineConfig, EngineCore
+from krasis.common.layers.moe import StackedExperts
 from krasis.common.models.deepseek_v2 import DeepseekV2Config, DeepseekV2ForCausalLM
+from krasis.common.quant.formats import QuantSpec, quantize
 from krasis.common.sampling_params import SamplingParams
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 GB = 1e9
 
 
-def build_random_model(cfg: DeepseekV2Config, dtype: torch.dtype, seed: int = 0) -> DeepseekV2ForCausalLM:
-    """Build on meta, allocate straight in `dtype` (no fp32 copy first), fill with N(0, 1/fan_in); norms 1."""
+def build_random_model(
+    cfg: DeepseekV2Config, dtype: torch.dtype, seed: int = 0, experts: str | None = None
+) -> DeepseekV2ForCausalLM:
+    """Build on meta, allocate straight in `dtype` (no fp32 copy first), fill with N(0, 1/fan_in); norms 1. With
+    `experts` (a quant spec, e.g. "q4"), each layer's routed experts are quantized as soon as they are filled, as the
+    quantized cache serves them (the float copy is dropped layer by layer)."""
     with torch.device("meta"):
         model = DeepseekV2ForCausalLM(cfg).to(dtype)
     model.to_empty(device="cpu")
     gen = torch.Generator().manual_seed(seed)
-    for name, param in model.named_parameters():
+    for name in [name for name, _ in model.named_parameters()]:  # names only: a quantized float copy is freed
+        param = model.get_parameter(name)
         if name.endswith(model.fp32_parameters):
             param.data = torch.empty(param.shape, dtype=torch.float32)
         if param.dim() == 1:
@@ -37,6 +44,10 @@ def build_random_model(cfg: DeepseekV2Config, dtype: torch.dtype, seed: int = 0)
         else:
             # Weights are [..., out, in]: the last dim is the fan-in, which keeps activations O(1) per layer.
             param.data.normal_(0.0, param.shape[-1] ** -0.5, generator=gen)
+        if experts is not None and name.endswith(".mlp.experts.down_proj"):  # a layer's experts are all filled
+            module = model.get_submodule(name.rsplit(".", 1)[0])
+            for part in ("gate_up_proj", "down_proj"):
+                module.use_quantized(part, quantize(getattr(module, part).data, QuantSpec.parse(experts)))
     return model.eval().requires_grad_(False)
 
 
@@ -70,9 +81,20 @@ def bytes_per_token(model: DeepseekV2ForCausalLM, context: float) -> dict[str, f
         elif group == "routed experts (top-k)":
             size *= cfg.num_experts_per_tok / cfg.n_routed_experts
         groups[group] = groups.get(group, 0.0) + size
+    for module in model.modules():  # quantized routed experts are no longer parameters
+        if isinstance(module, StackedExperts):
+            stored = sum(weight.nbytes for weight in module.quantized.values())
+            group = "routed experts (top-k)"
+            groups[group] = groups.get(group, 0.0) + stored * cfg.num_experts_per_tok / cfg.n_routed_experts
     kv_width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
     groups["KV cache (latent + k_pe)"] = context * kv_width * model.lm_head.weight.element_size() * len(model.kv_widths)
     return groups
+
+
+def weights_bytes(model) -> int:
+    """Parameters plus quantized routed experts, as stored."""
+    quantized = sum(w.nbytes for m in model.modules() if isinstance(m, StackedExperts) for w in m.quantized.values())
+    return sum(p.numel() * p.element_size() for p in model.parameters()) + quantized
 
 
 def mla_decode_flops(cfg: DeepseekV2Config, context: float) -> float:
@@ -83,29 +105,33 @@ def mla_decode_flops(cfg: DeepseekV2Config, context: float) -> float:
 
 
 def fill_random_context(engine: EngineCore, context: int, seed: int = 2) -> None:
-    """Admit the one waiting sequence and mark all but its last prompt token cached, with N(0, 1) KV in their pages:
-    decode at a long context without a long CPU prefill (attention reads the same bytes whatever they hold)."""
-    engine._admit()  # the engine's own page reservation for the request, as its first step would make
-    seq = engine.running[0]
-    slots = engine.kv.slots(seq.page_table, 0, context - 1)
+    """Admit the waiting sequences and mark all but the last prompt token of each cached, with N(0, 1) KV in their
+    pages: decode at a long context without a long CPU prefill (attention reads the same bytes whatever they hold)."""
+    engine._admit()  # the engine's own page reservations for the requests, as its first step would make
     gen = torch.Generator().manual_seed(seed)
-    for layer in engine.kv.layers:
-        layer[slots] = torch.randn(context - 1, layer.shape[1], generator=gen).to(layer.dtype)
-    seq.num_cached = context - 1
+    for seq in engine.running:
+        slots = engine.kv.slots(seq.page_table, 0, context - 1)
+        for layer in engine.kv.layers:
+            layer[slots] = torch.randn(context - 1, layer.shape[1], generator=gen).to(layer.dtype)
+        seq.num_cached = context - 1
 
 
-def run_engine(model, cfg: DeepseekV2Config, prompt_tokens: int, decode_tokens: int, random_context: bool) -> dict:
-    """Prefill a random prompt (its step yields the first token), or only its last token over random KV, then time
-    `decode_tokens` decode steps."""
+def run_engine(model, cfg: DeepseekV2Config, prompt_tokens: int, decode_tokens: int, random_context: bool,
+               batch: int = 1) -> dict:  # fmt: skip
+    """Prefill `batch` random prompts (the step that completes them yields their first tokens), or only their last
+    token over random KV, then time `decode_tokens` decode steps of all `batch` sequences together."""
     max_context = prompt_tokens + decode_tokens + 1
-    engine = EngineCore(model, EngineConfig(max_context, kv_pages=-(-max_context // 16)), frozenset(), cfg.vocab_size)
-    prompt = torch.randint(cfg.vocab_size, (prompt_tokens,), generator=torch.Generator().manual_seed(1)).tolist()
-    engine.add("bench", prompt, SamplingParams(max_tokens=decode_tokens + 1, temperature=0.0, ignore_eos=True))
+    pages = batch * -(-max_context // 16)
+    engine = EngineCore(model, EngineConfig(max_context, kv_pages=pages), frozenset(), cfg.vocab_size)
+    gen = torch.Generator().manual_seed(1)
+    for i in range(batch):
+        prompt = torch.randint(cfg.vocab_size, (prompt_tokens,), generator=gen).tolist()
+        engine.add(f"bench-{i}", prompt, SamplingParams(max_tokens=decode_tokens + 1, temperature=0.0, ignore_eos=True))
     if random_context:
         fill_random_context(engine, prompt_tokens)
     start, cpu_start = time.perf_counter(), time.process_time()
-    while not engine.step():  # chunks of max_batch_tokens; the last one samples the first token
-        pass
+    while any(seq.num_generated == 0 for seq in engine.waiting + engine.running):  # until every first token
+        engine.step()
     prefill_s, prefill_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
     step_s, cpu_start = [], time.process_time()
     while engine.has_work:
@@ -113,14 +139,14 @@ def run_engine(model, cfg: DeepseekV2Config, prompt_tokens: int, decode_tokens: 
         engine.step()
         step_s.append(time.perf_counter() - start)
     decode_cpu_s = time.process_time() - cpu_start
-    prefilled = 1 if random_context else prompt_tokens
+    prefilled = batch * (1 if random_context else prompt_tokens)
     return {
         "prefill_s": prefill_s,
         "prefill_tok_s": prefilled / prefill_s,
         "prefill_cpu_util": cpu_util(prefill_cpu_s, prefill_s),
-        "decode_tok_s": len(step_s) / sum(step_s),
-        "decode_ms_per_token": 1e3 * sum(step_s) / len(step_s),
-        "decode_ms_per_token_median": 1e3 * statistics.median(step_s),
+        "decode_tok_s": batch * len(step_s) / sum(step_s),
+        "decode_ms_per_step": 1e3 * sum(step_s) / len(step_s),
+        "decode_ms_per_step_median": 1e3 * statistics.median(step_s),
         "decode_cpu_util": cpu_util(decode_cpu_s, sum(step_s)),
     }
 
@@ -144,13 +170,16 @@ def print_table(r: dict) -> None:
          f"{r['decode_ratio']:.1%}"),
         ("decode GB/s effective", f"{r['decode_gbs']:.2f}", f"{r['bandwidth_gbs_best']:.1f} (read bandwidth)",
          f"{r['decode_ratio']:.1%}"),
-        ("decode ms/token (median)", f"{r['decode_ms_per_token']:.0f} ({r['decode_ms_per_token_median']:.0f})",
-         f"{1e3 / r['decode_bound_tok_s']:.0f}", ""),
+        ("decode ms/step (median)", f"{r['decode_ms_per_step']:.1f} ({r['decode_ms_per_step_median']:.1f})",
+         f"{r['batch'] * 1e3 / r['decode_bound_tok_s']:.1f}", ""),
+        ("decode ms/layer (median)", f"{r['decode_ms_per_layer_median']:.2f}", "(step incl. lm_head / layers)", ""),
         ("prefill tok/s", f"{r['prefill_tok_s']:.1f}", "", ""),
         ("CPU use prefill / decode", f"{r['prefill_cpu_util']:.0%} / {r['decode_cpu_util']:.0%}", "100%", ""),
         ("peak RSS GB", f"{r['peak_rss_gb']:.2f}", f"weights {r['weights_gb']:.2f}", ""),
     ]
-    print(f"\n{r['layers']} layers, {r['dtype']}, {r['threads']} threads, "
+    batch_note = " (tok/s summed; the bound is one sequence's)" if r["batch"] > 1 else ""
+    print(f"\n{r['layers']} layers, {r['dtype']}, experts {r['experts'] or r['dtype']}, {r['threads']} threads, "
+          f"batch {r['batch']}{batch_note}, "
           f"prompt {r['prompt_tokens']}{' (random KV, last token prefilled)' if r['random_context'] else ''}, "
           f"decode {r['decode_tokens']}; "
           f"read bandwidth best {r['bandwidth_gbs_best']:.1f} / median {r['bandwidth_gbs_median']:.1f} GB/s")
@@ -168,6 +197,8 @@ def parse_args() -> argparse.Namespace:
                         help="decode after this many cached tokens of random KV (the prefill runs only the last one)"
                         " instead of prefilling --prompt-tokens")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--experts", default=None, help="quantize the routed experts (q4, q8; issue 5 measures q4)")
+    parser.add_argument("--batch", type=int, default=1, help="sequences decoding together")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--bandwidth-gib", type=float, default=2.0)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
@@ -186,25 +217,27 @@ def main() -> None:
     cfg = DeepseekV2Config.from_hf(preset_config("deepseek-v2-lite", args.layers))
     log(f"building {args.layers}-layer model in {args.dtype} with random weights...")
     start = time.perf_counter()
-    model = build_random_model(cfg, DTYPES[args.dtype])
+    model = build_random_model(cfg, DTYPES[args.dtype], experts=args.experts)
     build_s = time.perf_counter() - start
     log(f"built in {build_s:.1f} s; prefill {args.prompt_tokens} + decode {args.decode_tokens} tokens...")
-    timings = run_engine(model, cfg, args.prompt_tokens, args.decode_tokens, random_context=bool(args.context))
+    timings = run_engine(model, cfg, args.prompt_tokens, args.decode_tokens, bool(args.context), args.batch)
 
     mean_context = args.prompt_tokens + (args.decode_tokens + 1) / 2  # each decode step attends to all before it
     groups = bytes_per_token(model, mean_context)
     total = sum(groups.values())
     result = {
-        "layers": args.layers, "dtype": args.dtype, "threads": args.threads,
+        "layers": args.layers, "dtype": args.dtype, "experts": args.experts, "threads": args.threads,
+        "batch": args.batch,
         "prompt_tokens": args.prompt_tokens, "decode_tokens": args.decode_tokens, "random_context": bool(args.context),
         "params": sum(p.numel() for p in model.parameters()),
-        "weights_gb": sum(p.numel() * p.element_size() for p in model.parameters()) / GB,
+        "weights_gb": weights_bytes(model) / GB,
         "build_s": build_s, "bandwidth_gbs_best": best_gbs, "bandwidth_gbs_median": median_gbs,
         "mean_context": mean_context, "bytes_per_token": groups, "bytes_per_token_total": total,
         "mla_decode_gflop": mla_decode_flops(cfg, mean_context) / GB,
         **timings,
         "decode_bound_tok_s": best_gbs * GB / total,
         "decode_gbs": timings["decode_tok_s"] * total / GB,
+        "decode_ms_per_layer_median": timings["decode_ms_per_step_median"] / args.layers,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB,  # Linux: KiB
     }
     result["decode_ratio"] = result["decode_tok_s"] / result["decode_bound_tok_s"]

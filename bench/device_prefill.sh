@@ -20,7 +20,7 @@ step tests 300 python3 -m pytest tests/gpu -q -p no:cacheprovider
 step kernels 240 python3 bench/moe_kernels.py --shape v2-lite --tokens 2048 8192 --sweep ${SWEEP:-q4}
 step kernels_next 60 python3 bench/moe_kernels.py --shape qwen3-next --tokens 8192
 step bench27 330 python3 -c "from krasis.ctl.main import cli; cli()" bench --preset deepseek-v2-lite --device cuda --quant q4 --vram-budget ${BUDGET:-4} \
-  --threads 16 --prompt-tokens 2K,8K,32K --decode-context 0.5K --decode-tokens 16 --json "$OUT/bench-v2lite-q4.json"
+  --threads 16 --prompt-tokens 2K,8K,32K --decode-context 0.5K,32K --decode-tokens 16 --json "$OUT/bench-v2lite-q4.json"
 step bench27_4gib 200 python3 -c "from krasis.ctl.main import cli; cli()" bench --preset deepseek-v2-lite --device cuda --quant q4 \
   --vram-budget 4 --threads 16 --prompt-tokens 2K,8K --decode-context 0.5K --decode-tokens 16 --json "$OUT/bench-v2lite-q4-4gib.json"
 step profile 120 python3 bench/prefill_profile.py --layers 4 --tokens 8192 --chunk 8192

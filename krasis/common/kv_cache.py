@@ -1,7 +1,7 @@
 """Paged KV storage and the per-step view of which tokens go where (`ForwardBatch`)."""
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -129,19 +129,36 @@ class ForwardBatch:
     write_slots: torch.Tensor  # [T]
     seqs: list[SequenceSlice]
     kv: KVCache
+    _per_step: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def per_step(self, key, build):
+        """`build()`, run once for this step and shared by every layer (rotary tables, decode gather indices)."""
+        if key not in self._per_step:
+            self._per_step[key] = build()
+        return self._per_step[key]
+
+    @functools.cached_property
+    def single_queries(self) -> tuple[list[int], list[SequenceSlice]]:
+        """The sequences with one new token this step (decodes, and prompts of one token): (their rows of the flat
+        batch, their slices), which attend by one batched computation."""
+        rows = [seq.query_start for seq in self.seqs if seq.query_len == 1]
+        return rows, [seq for seq in self.seqs if seq.query_len == 1]
 
     @property
     def last_token_indices(self) -> torch.Tensor:
         return torch.tensor([s.query_start + s.query_len - 1 for s in self.seqs], device=self.positions.device)
 
     @functools.cached_property
-    def single_token_decodes(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def single_token_decodes(self) -> tuple[torch.Tensor, "torch.Tensor | slice"]:
         """The sequences adding one token to a cached context, for layers that step their state rows together:
-        (their rows of the flat batch [B], their state slots [B]). Built once a step, shared by every layer."""
+        (their rows of the flat batch [B], their state slots [B], a slice when consecutive so that the state rows
+        are a view of the pool). Built once a step, shared by every layer."""
         decoding = [seq for seq in self.seqs if seq.num_cached > 0 and seq.query_len == 1]
         if any(seq.state_slot is None or not 0 <= seq.state_slot < self.kv.num_state_slots for seq in decoding):
             raise ValueError(f"a decoding sequence has no valid state slot (0..{self.kv.num_state_slots - 1})")
         device = self.positions.device
         rows = torch.tensor([seq.query_start for seq in decoding], dtype=torch.long, device=device)
-        slots = torch.tensor([seq.state_slot for seq in decoding], dtype=torch.long, device=device)
-        return rows, slots
+        slots = [seq.state_slot for seq in decoding]
+        if slots and slots == list(range(slots[0], slots[0] + len(slots))):
+            return rows, slice(slots[0], slots[0] + len(slots))
+        return rows, torch.tensor(slots, dtype=torch.long, device=device)

@@ -20,23 +20,27 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 def prepare_qk(q: torch.Tensor, k: torch.Tensor, num_v_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     """q, k: [T, Hk, Dk] -> fp32, L2-normalized, each key head repeated for its Hv / Hk value heads, q scaled."""
-    q, k = l2_normalize(q.float()), l2_normalize(k.float())
+    qk = l2_normalize(torch.stack((q, k)).float())  # one pass over both: [2, T, Hk, Dk]
     repeat = num_v_heads // k.shape[1]
     if repeat > 1:
-        q, k = q.repeat_interleave(repeat, dim=1), k.repeat_interleave(repeat, dim=1)
-    return q * q.shape[-1] ** -0.5, k
+        qk = qk.repeat_interleave(repeat, dim=2)
+    return qk[0] * q.shape[-1] ** -0.5, qk[1]
 
 
 def delta_rule_step(q, k, v, g, beta, state: torch.Tensor) -> torch.Tensor:
     """One token of each of B sequences, updating `state` in place (each pass over it costs B x 2 MB a layer for
-    Qwen3-Next). q, k: [B, H, Dk] (prepared); v: [B, H, Dv]; g, beta: [B, H]; state: [B, H, Dk, Dv] fp32, contiguous
-    -> outputs [B, H, Dv] fp32."""
+    Qwen3-Next). q, k: [B, H, Dk] (prepared); v: [B, H, Dv]; g, beta: [B, H]; state: [B, H, Dk, Dv] fp32, each
+    sequence's [H, Dk, Dv] contiguous (rows of the state pool) -> outputs [B, H, Dv] fp32."""
     v, g, beta = v.float(), g.float(), beta.float()
     state.mul_(g.exp()[..., None, None])
     predicted = torch.einsum("bhk,bhkv->bhv", k, state)
     correction = (v - predicted) * beta[..., None]
     dk, dv = state.shape[-2:]
-    state.view(-1, dk, dv).baddbmm_(k.reshape(-1, dk, 1), correction.reshape(-1, 1, dv))  # += k correction^T
+    if state.is_contiguous():
+        state.view(-1, dk, dv).baddbmm_(k.reshape(-1, dk, 1), correction.reshape(-1, 1, dv))  # += k correction^T
+    else:  # B pool rows in place: one batched update per sequence
+        for seq_state, seq_k, seq_correction in zip(state, k, correction):
+            seq_state.baddbmm_(seq_k[..., None], seq_correction[:, None, :])
     return torch.einsum("bhk,bhkv->bhv", q, state)
 
 
@@ -87,5 +91,7 @@ def causal_conv_step(x: torch.Tensor, previous: torch.Tensor, weight: torch.Tens
     """`causal_conv` for one new input of each of B sequences. x: [B, C]; previous: [B, C, K-1]; weight: [C, 1, K]
     -> (outputs [B, C] before activation, new previous [B, C, K-1])."""
     window = torch.cat((previous.to(weight.dtype), x[:, :, None].to(weight.dtype)), dim=-1)  # [B, C, K]
-    out = F.conv1d(window, weight, groups=weight.shape[0])[:, :, 0]
+    # one output per channel: a K-term dot product, as a multiply and a sum (a depthwise conv1d call costs ~100 us
+    # of setup on the CPU for this; the sum's order may differ from the conv's by fp32 rounding)
+    out = (window * weight[:, 0]).sum(dim=-1)
     return out.to(x.dtype), window[:, :, 1:]

@@ -72,28 +72,36 @@ class GatedDeltaNet(nn.Module):
         mixed, z, b, a = self.project(x)
         beta = b.sigmoid()
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)  # [T, Hv], log-space decay
-        out = x.new_empty(tokens, self.num_v_heads, self.head_v_dim)
         states = batch.kv.states[self.layer_idx]
         # one cached token per sequence (decode): all such sequences in one batched step, as the reference steps them
         rows, slots = batch.single_token_decodes
-        if rows.numel():
-            out[rows] = self._decode(mixed[rows], g[rows], beta[rows], states, slots.to(states.device))
-        for rows, seq in per_sequence(batch):
-            if seq.num_cached == 0 or seq.query_len > 1:
-                out[rows] = self._sequence(mixed[rows], g[rows], beta[rows], states, seq)
-        out = self.norm(out.view(-1, self.head_v_dim), z.reshape(-1, self.head_v_dim))
+        if isinstance(slots, torch.Tensor):
+            slots = slots.to(states.device)
+        if rows.numel() == tokens:  # a decode step: every row, in order
+            out = self._decode(mixed, g, beta, states, slots)
+        else:
+            out = x.new_empty(tokens, self.num_v_heads, self.head_v_dim)
+            if rows.numel():
+                out[rows] = self._decode(mixed[rows], g[rows], beta[rows], states, slots)
+            for rows, seq in per_sequence(batch):
+                if seq.num_cached == 0 or seq.query_len > 1:
+                    out[rows] = self._sequence(mixed[rows], g[rows], beta[rows], states, seq)
+        out = self.norm(out.reshape(-1, self.head_v_dim), z.reshape(-1, self.head_v_dim))
         return self.out_proj(out.view(tokens, -1))
 
-    def _decode(self, mixed, g, beta, states: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """One new token of each of B cached sequences, from and back to their state rows `slots` [B].
-        mixed: [B, conv_dim] -> [B, Hv, Dv]."""
-        conv_width, count = self.conv_dim * (self.kernel - 1), slots.numel()
-        # gathered copies, each contiguous: the delta rule updates the recurrent states in place
+    def _decode(self, mixed, g, beta, states: torch.Tensor, slots: "torch.Tensor | slice") -> torch.Tensor:
+        """One new token of each of B cached sequences, from and back to their state rows `slots` ([B], or a slice of
+        consecutive rows). mixed: [B, conv_dim] -> [B, Hv, Dv]."""
+        conv_width, count = self.conv_dim * (self.kernel - 1), mixed.shape[0]
+        # A slice of rows is a view: the delta rule updates the recurrent states in the pool, in place (each copy of a
+        # Qwen3-Next state is 2 MB a sequence and layer). Slot tensors gather copies, written back after.
         conv_state = states[slots, :conv_width].view(count, self.conv_dim, self.kernel - 1)
         recurrent = states[slots, conv_width:].view(count, self.num_v_heads, self.head_k_dim, self.head_v_dim)
         conv_out, conv_state = causal_conv_step(mixed, conv_state, self.conv1d.weight)
         out = delta_rule_step(*self._qkv(conv_out), g, beta, recurrent)
-        self._write_state(states, slots, conv_state, recurrent)
+        states[slots, :conv_width] = conv_state.flatten(-2)
+        if isinstance(slots, torch.Tensor):
+            states[slots, conv_width:] = recurrent.flatten(-3)
         return out.to(mixed.dtype)
 
     def _sequence(self, mixed, g, beta, states: torch.Tensor, seq: SequenceSlice) -> torch.Tensor:
@@ -125,7 +133,7 @@ class GatedDeltaNet(nn.Module):
         return row[:conv_width].view(self.conv_dim, -1), row[conv_width:].view(recurrent_shape)
 
     def _write_state(self, states: torch.Tensor, slots, conv_state, recurrent) -> None:
-        """Write back one row (`slots` an int) or B rows (`slots` a tensor [B])."""
+        """Write back one sequence's row (`slots` an int)."""
         conv_width = self.conv_dim * (self.kernel - 1)
         states[slots, :conv_width] = conv_state.flatten(-2)
         states[slots, conv_width:] = recurrent.flatten(-3)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from krasis.common.kv_cache import ForwardBatch
-from krasis.common.layers.attention import attend_sequence, per_sequence
+from krasis.common.layers.attention import attend_sequence, attend_single_queries, per_sequence
 from krasis.common.layers.norm import RMSNorm
 from krasis.common.layers.rotary import RotaryEmbedding, apply_rotary_half
 
@@ -54,20 +54,34 @@ class GQAttention(nn.Module):
         v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = self.rotary.cos_sin(batch.positions)
-        q, k = apply_rotary_half(q, cos, sin), apply_rotary_half(k, cos, sin)
+        # queries and keys in one rotation: [T, heads + kv_heads, head_dim]
+        qk = apply_rotary_half(torch.cat((q, k), dim=1), self.rotary.half_tables(batch, q.dtype))
+        q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         batch.kv.write(self.layer_idx, batch.write_slots, torch.cat((k, v), dim=-1).view(tokens, -1))
-
-        out = torch.empty_like(q)
-        for rows, seq in per_sequence(batch):
-            kv = batch.kv.read(self.layer_idx, seq.context_slots).to(q.dtype)
-            kv = kv.view(-1, self.num_kv_heads, 2 * self.head_dim)
-            ctx_k, ctx_v = kv[..., : self.head_dim], kv[..., self.head_dim :]
-            out[rows] = attend_sequence(q[rows], ctx_k, ctx_v, self.head_dim**-0.5, seq, self.sliding_window)
-        out = out.view(tokens, -1)
+        out = self._attend(q, batch).view(tokens, -1)
         if gate is not None:
             out = out * torch.sigmoid(gate)
         return self.o_proj(out)
+
+    def _attend(self, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """Roped queries [T, heads, head_dim] over each sequence's cache -> [T, heads, head_dim]."""
+        scale, window = self.head_dim**-0.5, self.sliding_window
+        rows, singles = batch.single_queries
+        if len(singles) == len(batch.seqs):  # a decode step: all sequences at once
+            return attend_single_queries(q, batch, self.layer_idx, self._split_kv, scale, window)
+        out = torch.empty_like(q)
+        if singles:
+            out[rows] = attend_single_queries(q[rows], batch, self.layer_idx, self._split_kv, scale, window)
+        for rows, seq in per_sequence(batch):
+            if seq.query_len > 1:
+                k, v = self._split_kv(batch.kv.read(self.layer_idx, seq.context_slots).to(q.dtype))
+                out[rows] = attend_sequence(q[rows], k, v, scale, seq, window)
+        return out
+
+    def _split_kv(self, cached: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached rows [..., 2 * kv_heads * head_dim] -> keys, values [..., kv_heads, head_dim] (views)."""
+        kv = cached.unflatten(-1, (self.num_kv_heads, 2 * self.head_dim))
+        return kv[..., : self.head_dim], kv[..., self.head_dim :]
 
     def _queries(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> queries [T, heads, head_dim], output gate [T, heads * head_dim] or None."""

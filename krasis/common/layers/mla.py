@@ -10,7 +10,13 @@ import torch
 from torch import nn
 
 from krasis.common.kv_cache import ForwardBatch
-from krasis.common.layers.attention import attend_few_queries, attend_sequence, causal_mask, per_sequence
+from krasis.common.layers.attention import (
+    attend_few_queries,
+    attend_sequence,
+    attend_single_queries,
+    causal_mask,
+    per_sequence,
+)
 from krasis.common.layers.norm import RMSNorm
 from krasis.common.layers.rotary import RotaryEmbedding, apply_rotary_interleaved
 from krasis.common.quant.formats import dequantize
@@ -50,37 +56,54 @@ class MLAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         # x: [T, H]
-        tokens = x.shape[0]
-        q = self._queries(x).view(tokens, self.num_heads, self.nope_dim + self.rope_dim)
+        tokens, heads = x.shape[0], self.num_heads
+        q_nope, q_pe = self._queries(x).view(tokens, heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)
-        cos, sin = self.rotary.cos_sin(batch.positions)
-        q_pe = apply_rotary_interleaved(q[..., self.nope_dim :], cos, sin)
-        k_pe = apply_rotary_interleaved(k_pe[:, None, :], cos, sin)[:, 0]
-        q = torch.cat((q[..., : self.nope_dim], q_pe), dim=-1)
+        # the queries' and the shared key's rope parts in one rotation: [T, heads + 1, rope]
+        rope_parts = torch.cat((q_pe, k_pe[:, None, :]), dim=1)
+        roped = apply_rotary_interleaved(rope_parts, self.rotary.interleaved_tables(batch))
+        q_pe, k_pe = roped[:, :heads], roped[:, heads]
         batch.kv.write(self.layer_idx, batch.write_slots, torch.cat((latent, k_pe), dim=-1))
-        return self.o_proj(self._attend(q, batch).view(tokens, -1))
+        return self.o_proj(self._attend(q_nope, q_pe, batch).reshape(tokens, -1))
 
-    def _attend(self, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        """Roped queries [T, heads, nope + rope] over each sequence's cache -> [T, heads, v]."""
-        absorbs = [self._absorbs(seq.query_len, seq.context_len) for seq in batch.seqs]
-        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        q_absorbed = torch.cat((self._absorb_queries(q_nope), q_pe), dim=-1) if any(absorbs) else None
+    def _attend(self, q_nope: torch.Tensor, q_pe: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """Roped queries q_nope [T, heads, nope], q_pe [T, heads, rope] over each sequence's cache -> [T, heads, v]."""
+        rows, singles = batch.single_queries
+        if len(singles) == len(batch.seqs):  # a decode step: every sequence absorbs, all at once
+            return self._unabsorb(self._attend_latent(q_nope, q_pe, batch))
+        q = torch.cat((q_nope, q_pe), dim=-1)
+        absorbs = [seq.query_len == 1 or self._absorbs(seq.query_len, seq.context_len) for seq in batch.seqs]
         out = q.new_zeros(q.shape[0], self.num_heads, self.v_dim)  # expanded sequences' outputs
-        if q_absorbed is not None:  # absorbed sequences' outputs, before W_UV
+        if any(absorbs):  # absorbed sequences' outputs, before W_UV
             out_latent = q.new_zeros(q.shape[0], self.num_heads, self.kv_lora_rank)
+            q_absorbed = torch.cat((self._absorb_queries(q_nope), q_pe), dim=-1)
+        if singles:
+            out_latent[rows] = attend_single_queries(
+                q_absorbed[rows], batch, self.layer_idx, self._latent_kv, self.scale, None
+            )  # fmt: skip
         for (rows, seq), absorb in zip(per_sequence(batch), absorbs):
+            if seq.query_len == 1:
+                continue
             cached = batch.kv.read(self.layer_idx, seq.context_slots).to(q.dtype)  # [L, kv_lora + rope]
             if absorb:
-                # one shared KV head: keys are the cached rows as they are, values their latent part
                 mask = causal_mask(seq.query_len, seq.context_len, None, q.device)
-                k, v = cached[:, None, :], cached[:, None, : self.kv_lora_rank]
-                out_latent[rows] = attend_few_queries(q_absorbed[rows], k, v, self.scale, mask)
+                out_latent[rows] = attend_few_queries(q_absorbed[rows], *self._latent_kv(cached), self.scale, mask)
             else:
                 out[rows] = attend_sequence(q[rows], *self._expand(cached), self.scale, seq, None)
-        if q_absorbed is not None:
+        if any(absorbs):
             out += self._unabsorb(out_latent)  # expanded sequences' rows add exact zeros
         return out
+
+    def _attend_latent(self, q_nope: torch.Tensor, q_pe: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """One query per sequence, all sequences, in the latent space: [B, heads, kv_lora] before W_UV."""
+        q_absorbed = torch.cat((self._absorb_queries(q_nope), q_pe), dim=-1)  # [B, heads, kv_lora + rope]
+        return attend_single_queries(q_absorbed, batch, self.layer_idx, self._latent_kv, self.scale, None)
+
+    def _latent_kv(self, cached: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached rows [..., kv_lora + rope] -> one shared KV head: keys the rows as they are, values their latent
+        part, [..., 1, kv_lora + rope] and [..., 1, kv_lora] (views)."""
+        return cached[..., None, :], cached[..., None, : self.kv_lora_rank]
 
     def _expand(self, cached: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached [L, kv_lora + rope] -> keys [L, heads, nope + rope], values [L, heads, v]."""

@@ -4,6 +4,7 @@ import math
 
 import torch
 
+from krasis.common.kv_cache import ForwardBatch
 from krasis.common.model_config import RopeConfig
 
 
@@ -62,24 +63,45 @@ class RotaryEmbedding:
         freqs = positions[:, None].float() * self.inv_freq.to(positions.device)[None, :]
         return freqs.cos() * self.attention_scaling, freqs.sin() * self.attention_scaling
 
+    def half_tables(self, batch: ForwardBatch, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's tables for `apply_rotary_half`, built once a step for every layer."""
+        build = lambda: half_tables(*self.cos_sin(batch.positions), dtype)  # noqa: E731
+        return batch.per_step(("rotary_half", id(self), dtype), build)
 
-def apply_rotary_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (i, i + r/2) (Llama/Qwen convention) of the first r = 2 * cos.shape[-1] dims; the rest
-    (partial rotary) pass through. x: [T, heads, d]; cos, sin: [T, r/2]."""
-    rotary_dim = 2 * cos.shape[-1]
+    def interleaved_tables(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's tables for `apply_rotary_interleaved`, built once a step for every layer."""
+        build = lambda: interleaved_tables(*self.cos_sin(batch.positions))  # noqa: E731
+        return batch.per_step(("rotary_interleaved", id(self)), build)
+
+
+def half_tables(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [T, r/2] -> cos [T, 1, r] and sin with the sign of the rotation [T, 1, r] (-sin, sin), in `dtype`."""
+    return torch.cat((cos, cos), dim=-1)[:, None, :].to(dtype), torch.cat((-sin, sin), dim=-1)[:, None, :].to(dtype)
+
+
+def apply_rotary_half(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate pairs (i, i + r/2) (Llama/Qwen convention) of the first r dims, r the tables' width; the rest (partial
+    rotary) pass through. x: [T, heads, d]; tables from `half_tables`. The reference's x * cos + cat(-x2, x1) * sin,
+    with the sign in the table: the same products, bit for bit."""
+    cos, signed_sin = tables
+    rotary_dim = cos.shape[-1]
     if rotary_dim < x.shape[-1]:
-        return torch.cat((apply_rotary_half(x[..., :rotary_dim], cos, sin), x[..., rotary_dim:]), dim=-1)
-    cos = torch.cat((cos, cos), dim=-1)[:, None, :].to(x.dtype)
-    sin = torch.cat((sin, sin), dim=-1)[:, None, :].to(x.dtype)
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+        return torch.cat((apply_rotary_half(x[..., :rotary_dim], tables), x[..., rotary_dim:]), dim=-1)
+    swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)  # cat(x2, x1)
+    return x * cos + swapped * signed_sin
 
 
-def apply_rotary_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (2i, 2i + 1) (DeepSeek convention), in fp32. x: [T, heads, d]; cos, sin: [T, d/2]."""
-    pairs = x.float().reshape(*x.shape[:-1], -1, 2)
-    even, odd = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    out = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
-    return out.flatten(-2).to(x.dtype)
+def interleaved_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [T, d/2] -> cos per dim [T, 1, d] and sin with the sign of the rotation [T, 1, d] (-sin, sin per
+    pair), fp32."""
+    return cos.repeat_interleave(2, dim=-1)[:, None, :], torch.stack((-sin, sin), dim=-1).flatten(-2)[:, None, :]
+
+
+def apply_rotary_interleaved(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate pairs (2i, 2i + 1) (DeepSeek convention), in fp32. x: [T, heads, d]; tables from
+    `interleaved_tables`. The reference's (even cos - odd sin, even sin + odd cos) per pair, bit for bit: the
+    sign lives in the table and each output adds the same two rounded products."""
+    cos, signed_sin = tables
+    x32 = x.float()
+    swapped = x32.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (odd, even) per pair
+    return (x32 * cos + swapped * signed_sin).to(x.dtype)
