@@ -3,18 +3,9 @@
 # kernel benchmark against read bandwidth, and the pipeline's per-token overhead against in-process decode.
 # Each step is time-boxed and logged under $OUT; a short summary prints last.
 set -uo pipefail
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 KRASIS_HOME=/tmp/krasis-home
-OUT="${OUT:-/tmp/krasis-out}"
+source "$(dirname "$0")/device_steps.sh"
 STEPS="${STEPS:-kernel_tests kernels variants pipeline}"
-mkdir -p "$OUT"
 { date -u; nproc; lscpu | grep -E "Model name|Flags" | cut -c1-200; } > "$OUT/machine.txt" 2>&1
-step() {  # step NAME SECONDS COMMAND...
-  local name=$1 seconds=$2; shift 2
-  [[ " $STEPS " == *" $name "* ]] || return 0
-  local start=$SECONDS
-  timeout "$seconds" "$@" > "$OUT/$name.txt" 2>&1
-  echo "$name: rc=$? in $((SECONDS - start)) s" >> "$OUT/summary.txt"
-}
 step kernel_tests 150 python3 -m pytest -q -p no:cacheprovider tests/unit/test_cpu_kernels.py
 step kernels 150 python3 bench/kernels.py --threads 16 --sections experts,dense --repeats 5
 step variants 120 python3 bench/kernel_variants.py --threads 16 --variant default --variant KRASIS_CHUNKS_PER_THREAD=4 \

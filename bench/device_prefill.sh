@@ -1,21 +1,12 @@
 #!/usr/bin/env bash
-# One call on the lent GPU machine for GPU prefill work: the GPU tests, the expert kernels, a profile of a few
-# resident layers and streamed-vs-resident prefill on a V2-Lite cut. Each step is time-boxed and logged under
-# $OUT; a short summary prints last. STEPS (default all) picks some: STEPS="tests kernels" bash bench/device_prefill.sh
+# One call on the lent GPU machine for GPU prefill work: the GPU tests, the expert kernels, `krasis-ctl bench` on all
+# of DeepSeek-V2-Lite (bench27: BUDGET GiB, default 4; bench27_4gib), a profile of a few resident layers and
+# streamed-vs-resident prefill on a V2-Lite cut. Each step is time-boxed and logged under $OUT; a short summary prints
+# last. STEPS picks them: STEPS="tests bench27 bench27_4gib" BUDGET=5 bash bench/device_prefill.sh
 set -uo pipefail
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 KRASIS_HOME=/tmp/krasis-home
-OUT="${OUT:-/tmp/krasis-out}"
+source "$(dirname "$0")/device_steps.sh"
 STEPS="${STEPS:-tests kernels kernels_next profile prefill}"
-
-mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/machine.txt" 2>&1
-step() {  # step NAME SECONDS COMMAND...
-  local name=$1 seconds=$2; shift 2
-  [[ " $STEPS " == *" $name "* ]] || return 0
-  local start=$SECONDS
-  timeout "$seconds" "$@" > "$OUT/$name.txt" 2>&1
-  echo "$name: rc=$? in $((SECONDS - start)) s" >> "$OUT/summary.txt"
-}
 step tests 300 python3 -m pytest tests/gpu -q -p no:cacheprovider
 step kernels 240 python3 bench/moe_kernels.py --shape v2-lite --tokens 2048 8192 --sweep ${SWEEP:-q4}
 step kernels_next 60 python3 bench/moe_kernels.py --shape qwen3-next --tokens 8192

@@ -3,17 +3,10 @@
 # (bench/kernels.py runs separately: python3 bench/kernels.py --threads 16).
 # Each step is time-boxed and logged under $OUT; a short summary prints last.
 set -uo pipefail
-export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 KRASIS_HOME=/tmp/krasis-home
-OUT="${OUT:-/tmp/krasis-out}"
-mkdir -p "$OUT"
+source "$(dirname "$0")/device_steps.sh"
+STEPS="${STEPS:-gpu_tests decode_cpu shared_cache_rss}"
 { date -u; nproc; lscpu | grep -E "Model name|NUMA node\(s\)|L3"; free -g | head -2;
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; git rev-parse --short HEAD; } > "$OUT/machine.txt" 2>&1
-step() {  # step NAME SECONDS COMMAND...
-  local name=$1 seconds=$2; shift 2
-  local start=$SECONDS
-  timeout "$seconds" "$@" > "$OUT/$name.txt" 2>&1
-  echo "$name: rc=$? in $((SECONDS - start)) s" >> "$OUT/summary.txt"
-}
 step gpu_tests 60 python3 -m pytest tests/gpu -q -p no:cacheprovider
 step decode_cpu 80 python3 bench/decode_cpu.py --threads 16 --decode-tokens 32
 step shared_cache_rss 90 python3 bench/shared_cache_rss.py --layers 2 --workers 4 --workdir /tmp/rss

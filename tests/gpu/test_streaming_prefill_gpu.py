@@ -74,24 +74,35 @@ def test_dequant_kernel_equals_dequantize(spec):
     assert torch.equal(out.cpu(), dequantize(qw, torch.bfloat16))
 
 
-@pytest.mark.parametrize("quant", [None, "q4"])
-def test_grouped_expert_gemms_equal_dequantize_then_matmul(quant):
-    gen = torch.Generator().manual_seed(0)
-    experts, hidden, inter, tokens, k = 16, 256, 128, 1000, 4
-    gate_up = torch.randn(experts, 2 * inter, hidden, generator=gen) / 16
-    down = torch.randn(experts, hidden, inter, generator=gen) / 11
+def _expert_inputs(shape, quant, seed, scale=None):
+    """Routed-expert inputs on the host: x [T, H] bf16, ids and weights [T, k], (gate_up, down) as the kernels take
+    them (QuantizedWeight or bf16) and as bf16 floats (dequantized). shape: (experts, hidden, inter, tokens, k)."""
+    experts, hidden, inter, tokens, k = shape
+    gen = torch.Generator().manual_seed(seed)
+    scale = scale or (hidden**0.5, inter**0.5)
+    gate_up = torch.randn(experts, 2 * inter, hidden, generator=gen) / scale[0]
+    down = torch.randn(experts, hidden, inter, generator=gen) / scale[1]
     x = torch.randn(tokens, hidden, generator=gen).bfloat16()
     ids = torch.stack([torch.randperm(experts, generator=gen)[:k] for _ in range(tokens)])
     weights = torch.rand(tokens, k, generator=gen)
-    if quant:
-        gate_up, down = quantize(gate_up, QuantSpec.parse(quant)), quantize(down, QuantSpec.parse(quant))
-        dev = [type(w)(w.spec, w.shape, w.qweight.cuda(), w.scales.cuda()) for w in (gate_up, down)]
-        ref_w = [dequantize(w, torch.bfloat16) for w in (gate_up, down)]
-    else:
-        ref_w = [gate_up.bfloat16(), down.bfloat16()]
-        dev = [w.cuda() for w in ref_w]
-    expected = reference_experts(x.cuda(), *[w.cuda() for w in ref_w], ids.cuda(), weights.cuda())
-    got = grouped_experts(x.cuda(), *dev, ids.cuda(), weights.cuda())
+    if not quant:
+        floats = [gate_up.bfloat16(), down.bfloat16()]
+        return x, ids, weights, floats, floats
+    stored = [quantize(w, QuantSpec.parse(quant)) for w in (gate_up, down)]
+    return x, ids, weights, stored, [dequantize(w, torch.bfloat16) for w in stored]
+
+
+def _cuda(weight):
+    if isinstance(weight, torch.Tensor):
+        return weight.cuda()
+    return type(weight)(weight.spec, weight.shape, weight.qweight.cuda(), weight.scales.cuda())
+
+
+@pytest.mark.parametrize("quant", [None, "q4"])
+def test_grouped_expert_gemms_equal_dequantize_then_matmul(quant):
+    x, ids, weights, stored, floats = _expert_inputs((16, 256, 128, 1000, 4), quant, 0, scale=(16, 11))
+    expected = reference_experts(x.cuda(), *[w.cuda() for w in floats], ids.cuda(), weights.cuda())
+    got = grouped_experts(x.cuda(), *[_cuda(w) for w in stored], ids.cuda(), weights.cuda())
     torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
 
 
@@ -112,20 +123,9 @@ def _fp64_experts(x, gate_up, down, ids, weights):
 def test_fused_experts_compute_the_reference_function(quant, shape):
     """Triton's fused dequant-GEMM experts against float64 on the same bf16/dequantized weights: no worse than the
     bf16 reference loop, no NaN from a poisoned freed block, and the same bits run to run."""
-    experts, hidden, inter, tokens, k = shape
-    gen = torch.Generator().manual_seed(sum(shape))
-    gate_up = torch.randn(experts, 2 * inter, hidden, generator=gen) / hidden**0.5
-    down = torch.randn(experts, hidden, inter, generator=gen) / inter**0.5
-    x = torch.randn(tokens, hidden, generator=gen).bfloat16()
-    ids = torch.stack([torch.randperm(experts, generator=gen)[:k] for _ in range(tokens)])
-    weights = torch.rand(tokens, k, generator=gen)
-    if quant:
-        gate_up, down = quantize(gate_up, QuantSpec.parse(quant)), quantize(down, QuantSpec.parse(quant))
-        dev = [type(w)(w.spec, w.shape, w.qweight.cuda(), w.scales.cuda()) for w in (gate_up, down)]
-        floats = [dequantize(w, torch.bfloat16) for w in (gate_up, down)]
-    else:
-        floats = [gate_up.bfloat16(), down.bfloat16()]
-        dev = [w.cuda() for w in floats]
+    _, hidden, inter, tokens, k = shape
+    x, ids, weights, stored, floats = _expert_inputs(shape, quant, sum(shape))
+    dev = [_cuda(w) for w in stored]
     exact = _fp64_experts(x, *floats, ids, weights)
     reference = reference_experts(x.cuda(), *[w.cuda() for w in floats], ids.cuda(), weights.cuda()).cpu()
     torch.cuda.empty_cache()
