@@ -77,6 +77,10 @@ class _Receiver(_Queue):
         self.socket.setsockopt(zmq.MAXMSGSIZE, self.max_bytes)
 
     def _decode(self, frames: list) -> Message | None:
+        # Tensor frames are copied once out of ZeroMQ's receive buffers into memory the tensors own: a tensor wrapping
+        # a received frame was seen overwritten by the allocator once its peer had gone and the socket closed (the
+        # start of the buffer held free-list pointers), so decoded tensors never borrow ZeroMQ's memory.
+        frames = frames[:1] + [bytearray(f.buffer) if isinstance(f, zmq.Frame) else f for f in frames[1:]]
         try:
             return decode(frames, self.max_bytes)
         except ProtocolError as e:
