@@ -141,8 +141,8 @@ class ForwardBatch:
     def single_queries(self) -> tuple[list[int], list[SequenceSlice]]:
         """The sequences with one new token this step (decodes, and prompts of one token): (their rows of the flat
         batch, their slices), which attend by one batched computation."""
-        rows = [seq.query_start for seq in self.seqs if seq.query_len == 1]
-        return rows, [seq for seq in self.seqs if seq.query_len == 1]
+        singles = [seq for seq in self.seqs if seq.query_len == 1]
+        return [seq.query_start for seq in singles], singles
 
     @property
     def last_token_indices(self) -> torch.Tensor:

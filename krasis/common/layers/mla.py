@@ -69,19 +69,17 @@ class MLAttention(nn.Module):
 
     def _attend(self, q_nope: torch.Tensor, q_pe: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """Roped queries q_nope [T, heads, nope], q_pe [T, heads, rope] over each sequence's cache -> [T, heads, v]."""
-        rows, singles = batch.single_queries
+        single_rows, singles = batch.single_queries
         if len(singles) == len(batch.seqs):  # a decode step: every sequence absorbs, all at once
-            return self._unabsorb(self._attend_latent(q_nope, q_pe, batch))
+            return self._unabsorb(self._attend_latent(self._absorbed_queries(q_nope, q_pe), batch))
         q = torch.cat((q_nope, q_pe), dim=-1)
         absorbs = [seq.query_len == 1 or self._absorbs(seq.query_len, seq.context_len) for seq in batch.seqs]
         out = q.new_zeros(q.shape[0], self.num_heads, self.v_dim)  # expanded sequences' outputs
         if any(absorbs):  # absorbed sequences' outputs, before W_UV
             out_latent = q.new_zeros(q.shape[0], self.num_heads, self.kv_lora_rank)
-            q_absorbed = torch.cat((self._absorb_queries(q_nope), q_pe), dim=-1)
+            q_absorbed = self._absorbed_queries(q_nope, q_pe)
         if singles:
-            out_latent[rows] = attend_single_queries(
-                q_absorbed[rows], batch, self.layer_idx, self._latent_kv, self.scale, None
-            )  # fmt: skip
+            out_latent[single_rows] = self._attend_latent(q_absorbed[single_rows], batch)
         for (rows, seq), absorb in zip(per_sequence(batch), absorbs):
             if seq.query_len == 1:
                 continue
@@ -95,9 +93,13 @@ class MLAttention(nn.Module):
             out += self._unabsorb(out_latent)  # expanded sequences' rows add exact zeros
         return out
 
-    def _attend_latent(self, q_nope: torch.Tensor, q_pe: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        """One query per sequence, all sequences, in the latent space: [B, heads, kv_lora] before W_UV."""
-        q_absorbed = torch.cat((self._absorb_queries(q_nope), q_pe), dim=-1)  # [B, heads, kv_lora + rope]
+    def _absorbed_queries(self, q_nope: torch.Tensor, q_pe: torch.Tensor) -> torch.Tensor:
+        """[T, heads, kv_lora + rope]: the queries as they meet the cached rows in the latent space."""
+        return torch.cat((self._absorb_queries(q_nope), q_pe), dim=-1)
+
+    def _attend_latent(self, q_absorbed: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """The step's one-query sequences (batch.single_queries), absorbed queries [B, heads, kv_lora + rope], in the
+        latent space -> [B, heads, kv_lora] before W_UV."""
         return attend_single_queries(q_absorbed, batch, self.layer_idx, self._latent_kv, self.scale, None)
 
     def _latent_kv(self, cached: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
