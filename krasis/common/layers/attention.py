@@ -5,7 +5,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from krasis.common.kv_cache import ForwardBatch, SequenceSlice
 
@@ -41,8 +41,48 @@ def attend(
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     # 4-d [1, heads, tokens, dim]: SDPA's fused (flash / memory-efficient) kernels take no other shape
     q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    if isinstance(mask, CausalBias) and q.shape[2] < k.shape[2] and cudnn_attention_runs(q.device):
+        out = attend_chunk_cudnn(q, k, v, scale)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return out[0].transpose(0, 1)
+
+
+def attend_chunk_cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """A chunk's queries at the end of a longer context, causal (lower right), in cuDNN's fused kernel: SDPA sends a
+    lower-right bias only to the memory-efficient kernel, 4x slower on an H100 at MLA's widths (bench/
+    attention_backends.py), and cuDNN's causal mask is upper-left. So the queries attend to the keys before the chunk
+    (no mask) and to the chunk's own (square: upper-left is lower-right), each call returning its log-sum-exp, and
+    the two softmaxes merge exactly in fp32. q [1, H, Tq, D], k [1, H, L, D], v [1, H, L, Dv] -> [1, H, Tq, Dv]."""
+    past = k.shape[2] - q.shape[2]
+    out_past, lse_past = cudnn_attention(q, k[:, :, :past], v[:, :, :past], scale, causal=False)
+    out_own, lse_own = cudnn_attention(q, k[:, :, past:], v[:, :, past:], scale, causal=True)
+    lse = torch.logaddexp(lse_past, lse_own)
+    merged = out_past.float() * (lse_past - lse).exp_() + out_own.float() * (lse_own - lse).exp_()
+    return merged.to(q.dtype)
+
+
+def cudnn_attention(q, k, v, scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [1, H, Tq, Dv], log-sum-exp [1, H, Tq, 1] in fp32) from cuDNN's fused attention."""
+    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q, k, v, None, True, 0.0, causal, False, scale=scale)[:2]  # fmt: skip
+    return out, lse.float().reshape(*out.shape[:3], 1)
+
+
+_CUDNN_RUNS: dict[torch.device, bool] = {}
+
+
+def cudnn_attention_runs(device: torch.device) -> bool:
+    """Whether cuDNN's fused attention runs on this device (checked once on a small problem; a GPU or build without
+    it keeps SDPA's own choice)."""
+    if device not in _CUDNN_RUNS:
+        try:
+            q = torch.zeros(1, 1, 8, 64, dtype=torch.bfloat16, device=device)
+            cudnn_attention(q, q, q, 1.0, causal=True)
+            _CUDNN_RUNS[device] = True
+        except (RuntimeError, NotImplementedError):
+            _CUDNN_RUNS[device] = False
+    return _CUDNN_RUNS[device]
 
 
 def attend_few_queries(

@@ -180,8 +180,8 @@ if triton is not None:
     def q4_tile(q_ptr, s_ptr, row0, n, n_mask, k0, K, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
         """q4: rows row0 + n of a [rows, K] weight, columns k0 .. k0 + BLOCK_K, transposed: [BLOCK_K, BLOCK_N] bf16.
         One load per byte; a nibble becomes the bf16 128 + v by setting exponent bits (0x4300 | v: no integer to float
-        conversion), minus 136 gives q exactly, and q * scale (exact in fp32) is rounded once, as `dequantize` does. BLOCK_K is
-        one or two scale groups (pick_tiles); K is a multiple of it."""
+        conversion), minus 136 gives q exactly, and q * scale is exact before its one rounding (bf16 arithmetic), as
+        `dequantize` rounds it. BLOCK_K is one or two scale groups (pick_tiles); K is a multiple of it."""
         row = row0 + n[None, :].to(tl.int64)
         j = tl.arange(0, BLOCK_K // 2)
         byte = tl.load(q_ptr + row * (K // 2) + (k0 // 2 + j)[:, None], mask=n_mask[None, :], other=136)
@@ -192,10 +192,7 @@ if triton is not None:
         byte = byte.to(tl.uint16)
         low = ((byte & 15) | 0x4300).to(tl.bfloat16, bitcast=True)
         high = ((byte >> 4) | 0x4300).to(tl.bfloat16, bitcast=True)
-        scale = scale.to(tl.float32)
-        low = ((low.to(tl.float32) - 136.0) * scale).to(tl.bfloat16)
-        high = ((high.to(tl.float32) - 136.0) * scale).to(tl.bfloat16)
-        pair = tl.join(low, high)  # [BLOCK_K / 2, BLOCK_N, 2]: columns 2j and 2j + 1 side by side
+        pair = tl.join((low - 136.0) * scale, (high - 136.0) * scale)  # [BLOCK_K / 2, BLOCK_N, 2]: columns 2j, 2j + 1
         return tl.reshape(tl.permute(pair, (0, 2, 1)), (BLOCK_K, pair.shape[1]))
 
     @triton.jit(do_not_specialize=["pairs", "top_k", "num_experts"])
