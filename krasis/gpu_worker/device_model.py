@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from krasis.common.kernels.gpu.moe import moe_experts
+from krasis.common.layers.attention import PAST_BLOCK, cudnn_shapes_ok
 from krasis.common.layers.moe import StackedExperts
 from krasis.common.quant.formats import QuantizedWeight, dequantize
 from krasis.common.quant.modules import QuantLinear
@@ -167,8 +168,9 @@ def measure_weights(model) -> ModelWeights:
     return ModelWeights(other, tuple(layers), embedding.nbytes if untied else 0, lm_head)
 
 
-def activation_shape(model, kv_dtype_bytes: int | None = None) -> ActivationShape:
-    """The planner's view of prefill activations, from the model's config (DeepSeek MLA, GQA, linear attention)."""
+def activation_shape(model, kv_dtype_bytes: int | None = None, cudnn: bool = False) -> ActivationShape:
+    """The planner's view of prefill activations, from the model's config (DeepSeek MLA, GQA, linear attention);
+    `cudnn`: the device runs cuDNN's fused attention, through which MLA expands its context a block at a time."""
     cfg, dtype = model.config, model.model.embed_tokens.weight.dtype
     d, heads = dtype.itemsize, cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
@@ -180,10 +182,12 @@ def activation_shape(model, kv_dtype_bytes: int | None = None) -> ActivationShap
     expanded = heads * (qk_dim + v_dim) * d + (heads * (qk_dim - getattr(cfg, "qk_rope_head_dim", 0) + v_dim) * d
                                                if getattr(cfg, "kv_lora_rank", None) else 0)  # fmt: skip
     experts = list(_experts_modules(model).values())
+    blockwise = cudnn and getattr(cfg, "kv_lora_rank", None) is not None and cudnn_shapes_ok(dtype, qk_dim, v_dim)
     return ActivationShape(
         hidden_size=cfg.hidden_size, top_k=getattr(cfg, "num_experts_per_tok", 0) if experts else 0,
         expert_width=experts[0].intermediate_size if experts else getattr(cfg, "intermediate_size", cfg.hidden_size),
         num_heads=heads, attn_bytes_per_context_token=kv_width * d + expanded,
         layer_kv_bytes_per_token=kv_width * (kv_dtype_bytes or d), dtype_bytes=d, num_experts=experts[0].num_experts if experts else 0,
         state_bytes_per_seq=4 * sum(model.state_widths),
+        attention_block=PAST_BLOCK if blockwise else 0,
     )  # fmt: skip

@@ -10,6 +10,7 @@ import logging
 
 import torch
 
+from krasis.common.layers.attention import cudnn_attention_runs
 from krasis.gpu_worker.device_model import activation_shape, build_device_model, measure_weights
 from krasis.gpu_worker.prefill_cost import PrefillRates, measure_pinned_link_rate, measure_tokens_per_s, prefers_cpu
 from krasis.gpu_worker.streaming import StreamingPrefill
@@ -34,7 +35,7 @@ def default_budget_bytes(device) -> int:
 def plan_for(model, device, vram_budget_gib: float | None, chunk_tokens: int, step_tokens: int,
              group_layers: int = 1, kv_dtype_bytes: int | None = None) -> VramPlan:  # fmt: skip
     budget = default_budget_bytes(device) if vram_budget_gib is None else int(vram_budget_gib * GiB)
-    shape = activation_shape(model, kv_dtype_bytes)
+    shape = activation_shape(model, kv_dtype_bytes, cudnn=cudnn_attention_runs(device))
     return plan_vram(measure_weights(model), shape, budget, chunk_tokens, step_tokens, group_layers)
 
 

@@ -51,13 +51,19 @@ class ActivationShape:
     dtype_bytes: int = 2
     num_experts: int = 0  # routed experts of a layer (their row padding in the fused expert kernels)
     state_bytes_per_seq: int = 0  # fp32 state rows of one sequence over all layers (linear attention)
+    attention_block: int = 0  # context tokens attention expands at a time (MLA blockwise on cuDNN); 0: all at once
 
     def chunk_bytes(self, chunk: int, context: int) -> int:
         """Peak transient bytes of one chunk of `chunk` tokens attending over `context` tokens: its layer input,
         norms and residuals, then attention or the routed experts (never both alive at once)."""
         d, h = self.dtype_bytes, self.hidden_size
         io = chunk * h * (4 * d + 8)  # x rows, norm output, mixer output, residual; the norms' fp32 copies
-        attention = context * self.attn_bytes_per_context_token + 4 * chunk * self.num_heads * 256 * d
+        if self.attention_block:  # the context's cached rows read back; one block (or the chunk) expanded at a time
+            expanded = min(context, max(chunk, self.attention_block))
+            context_bytes = context * self.layer_kv_bytes_per_token + expanded * self.attn_bytes_per_context_token
+        else:
+            context_bytes = context * self.attn_bytes_per_context_token
+        attention = context_bytes + 4 * chunk * self.num_heads * 256 * d
         rows = chunk * self.top_k
         # router scores and ids; the fused expert kernels' padded rows (pair index, expert of each block, the
         # activation h), each pair's output row, the weighted sum; the routing's sort and index temporaries

@@ -92,6 +92,22 @@ def test_activations_grow_with_chunk_and_step():
     assert large > 4 * small
 
 
+def test_blockwise_attention_keeps_a_chunk_flat_as_its_context_grows():
+    """MLA on cuDNN expands one block of the context at a time: a chunk's transients then grow with the context only by
+    the cached rows read back (the whole context), not by its expanded keys and values."""
+    blockwise = dataclasses.replace(SHAPE, attention_block=4096)
+    whole_growth = SHAPE.chunk_bytes(1024, 32768) - SHAPE.chunk_bytes(1024, 8192)
+    block_growth = blockwise.chunk_bytes(1024, 32768) - blockwise.chunk_bytes(1024, 8192)
+    assert whole_growth == (32768 - 8192) * SHAPE.attn_bytes_per_context_token
+    assert block_growth == (32768 - 8192) * SHAPE.layer_kv_bytes_per_token
+    # a short context: the same expansion, plus the cached rows counted once more (conservative)
+    assert blockwise.chunk_bytes(1024, 2048) == SHAPE.chunk_bytes(1024, 2048) + 2048 * SHAPE.layer_kv_bytes_per_token
+    # a 32K step that does not fit with the whole context expanded fits with the largest chunk
+    with pytest.raises(VramBudgetError):
+        plan_vram(weights(), SHAPE, 2600 * MiB, 4096, 32768, slack_bytes=0)
+    assert plan_vram(weights(), blockwise, 2600 * MiB, 4096, 32768, slack_bytes=0).chunk_tokens == 4096
+
+
 RATES = PrefillRates(link_bytes_per_s=50e9, gpu_tokens_per_s=40_000, cpu_tokens_per_s=400)
 
 

@@ -18,6 +18,11 @@ BATCHED_DECODE_BYTES = 256 << 10
 
 # Cached rows [..., width] -> keys [..., kv_heads, D] and values [..., kv_heads, Dv] (views), per layer type.
 KVSplit = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# (start, stop) -> keys [n, H, D] and values [n, H, Dv] of those context tokens (attend_chunk_blockwise)
+ContextKV = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
+# context tokens a CUDA prefill chunk attends to at a time (their keys and values, MLA's expanded from the latent:
+# 16 KB a token at V2-Lite's widths, 64 MB a block), so a chunk's memory does not grow with its context
+PAST_BLOCK = 4096
 
 
 def causal_mask(query_len: int, context_len: int, sliding_window: int | None, device) -> torch.Tensor | None:
@@ -39,27 +44,37 @@ def attend(
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    if isinstance(mask, CausalBias) and cudnn_takes(q, v.shape[-1]):
+        context = lambda start, stop: (k[start:stop], v[start:stop])  # noqa: E731
+        return attend_chunk_blockwise(q, context, k.shape[0] - q.shape[0], scale)
     # 4-d [1, heads, tokens, dim]: SDPA's fused (flash / memory-efficient) kernels take no other shape
     q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-    if isinstance(mask, CausalBias) and q.shape[2] < k.shape[2] and cudnn_attention_runs(q.device):
-        out = attend_chunk_cudnn(q, k, v, scale)
-    else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return out[0].transpose(0, 1)
 
 
-def attend_chunk_cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """A chunk's queries at the end of a longer context, causal (lower right), in cuDNN's fused kernel: SDPA sends a
-    lower-right bias only to the memory-efficient kernel, 4x slower on an H100 at MLA's widths (bench/
-    attention_backends.py), and cuDNN's causal mask is upper-left. So the queries attend to the keys before the chunk
-    (no mask) and to the chunk's own (square: upper-left is lower-right), each call returning its log-sum-exp, and
-    the two softmaxes merge exactly in fp32. q [1, H, Tq, D], k [1, H, L, D], v [1, H, L, Dv] -> [1, H, Tq, Dv]."""
-    past = k.shape[2] - q.shape[2]
-    out_past, lse_past = cudnn_attention(q, k[:, :, :past], v[:, :, :past], scale, causal=False)
-    out_own, lse_own = cudnn_attention(q, k[:, :, past:], v[:, :, past:], scale, causal=True)
-    lse = torch.logaddexp(lse_past, lse_own)
-    merged = out_past.float() * (lse_past - lse).exp_() + out_own.float() * (lse_own - lse).exp_()
-    return merged.to(q.dtype)
+def attend_chunk_blockwise(q: torch.Tensor, context: ContextKV, past: int, scale: float) -> torch.Tensor:
+    """A prefill chunk's queries q [Tq, H, D], the last Tq tokens of a context of past + Tq, causal (lower right), in
+    cuDNN's fused kernel: the chunk's own keys (square, so cuDNN's upper-left causal mask is the right one), then the
+    keys before it in blocks of PAST_BLOCK tokens (no mask), the softmaxes merged exactly through each call's
+    log-sum-exp in fp32. `context(start, stop)` gives the keys and values of those tokens, [n, H, D] and [n, H, Dv]
+    (MLA expands them from the latent there), so memory holds one block's keys and values whatever the context.
+    SDPA itself sends a lower-right mask only to its memory-efficient kernel: 4.3x slower at MLA's widths on an
+    H100/H200 (bench/attention_backends.py). -> [Tq, H, Dv]."""
+    q4 = q.transpose(0, 1).unsqueeze(0)
+
+    def attend_to(start: int, stop: int, causal: bool):  # the block's keys and values live only inside the call
+        k, v = (t.transpose(0, 1).unsqueeze(0) for t in context(start, stop))
+        return cudnn_attention(q4, k, v, scale, causal)
+
+    out, lse = attend_to(past, past + q.shape[0], causal=True)
+    for start in range(0, past, PAST_BLOCK):
+        block_out, block_lse = attend_to(start, min(past, start + PAST_BLOCK), causal=False)
+        merged_lse = torch.logaddexp(lse, block_lse)
+        out = out.float().mul_((lse - merged_lse).exp_())  # fp32 from the first merge on, then in place
+        out.add_(block_out.float().mul_((block_lse - merged_lse).exp_()))
+        lse = merged_lse
+    return out[0].transpose(0, 1).to(q.dtype)
 
 
 def cudnn_attention(q, k, v, scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,9 +87,24 @@ def cudnn_attention(q, k, v, scale: float, causal: bool) -> tuple[torch.Tensor, 
 _CUDNN_RUNS: dict[torch.device, bool] = {}
 
 
+def cudnn_takes(q: torch.Tensor, v_width: int) -> bool:
+    """Whether cuDNN's fused attention takes these queries and values v_width wide (see cudnn_shapes_ok)."""
+    return cudnn_shapes_ok(q.dtype, q.shape[-1], v_width) and cudnn_attention_runs(q.device)
+
+
+def cudnn_shapes_ok(dtype: torch.dtype, qk_width: int, v_width: int) -> bool:
+    """bf16/fp16, head widths multiples of 8 up to 256: what cuDNN's fused attention takes; fp32 models and odd
+    widths keep SDPA."""
+    widths_ok = all(width % 8 == 0 and width <= 256 for width in (qk_width, v_width))
+    return dtype in (torch.bfloat16, torch.float16) and widths_ok
+
+
 def cudnn_attention_runs(device: torch.device) -> bool:
-    """Whether cuDNN's fused attention runs on this device (checked once on a small problem; a GPU or build without
-    it keeps SDPA's own choice)."""
+    """Whether cuDNN's fused attention runs on this device (checked once on a small problem; the CPU, or a GPU or
+    build without it, keeps SDPA's own choice)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
     if device not in _CUDNN_RUNS:
         try:
             q = torch.zeros(1, 1, 8, 64, dtype=torch.bfloat16, device=device)

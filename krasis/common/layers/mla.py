@@ -1,6 +1,7 @@
 """Multi-head latent attention (DeepSeek-V2): the cache holds the normed KV latent and the roped shared key.
 
-Prefill chunks expand the cached latent through kv_b_proj into per-head keys and values, as the reference does.
+Prefill chunks expand the cached latent through kv_b_proj into per-head keys and values, as the reference does (on a
+GPU, a block of the context at a time).
 Decode tokens attend in the latent space instead ("weight absorption"): W_UK (kv_b_proj's key rows) folds into the
 query, W_UV (its value rows) applies after the attention-weighted sum of latents, so a token costs
 context x heads x (2 kv_lora + rope) multiply-adds instead of context x kv_b_proj's size. Same math up to fp32 rounding.
@@ -11,10 +12,13 @@ from torch import nn
 
 from krasis.common.kv_cache import ForwardBatch
 from krasis.common.layers.attention import (
+    FEW_QUERIES,
+    attend_chunk_blockwise,
     attend_few_queries,
     attend_sequence,
     attend_single_queries,
     causal_mask,
+    cudnn_takes,
     per_sequence,
 )
 from krasis.common.layers.norm import RMSNorm
@@ -88,10 +92,18 @@ class MLAttention(nn.Module):
                 mask = causal_mask(seq.query_len, seq.context_len, None, q.device)
                 out_latent[rows] = attend_few_queries(q_absorbed[rows], *self._latent_kv(cached), self.scale, mask)
             else:
-                out[rows] = attend_sequence(q[rows], *self._expand(cached), self.scale, seq, None)
+                out[rows] = self._attend_expanded(q[rows], cached, seq)
         if any(absorbs):
             out += self._unabsorb(out_latent)  # expanded sequences' rows add exact zeros
         return out
+
+    def _attend_expanded(self, q: torch.Tensor, cached: torch.Tensor, seq) -> torch.Tensor:
+        """A prefill chunk's queries [Tq, heads, nope + rope] over its context expanded through kv_b_proj: on a GPU
+        with cuDNN a block of the context at a time (memory stays flat as the context grows), else all at once."""
+        if seq.query_len > FEW_QUERIES and cudnn_takes(q, self.v_dim):
+            expand = lambda start, stop: self._expand(cached[start:stop])  # noqa: E731
+            return attend_chunk_blockwise(q, expand, seq.context_len - seq.query_len, self.scale)
+        return attend_sequence(q, *self._expand(cached), self.scale, seq, None)
 
     def _absorbed_queries(self, q_nope: torch.Tensor, q_pe: torch.Tensor) -> torch.Tensor:
         """[T, heads, kv_lora + rope]: the queries as they meet the cached rows in the latent space."""
