@@ -7,12 +7,18 @@ from krasis.common.tokenizer.builder import CORPUS
 
 
 def prompt_text(tokenizer: Tokenizer, tokens: int, seed: int) -> str:
-    """Text of at least `tokens` tokens: the tokenizer corpus's words in a seeded random order."""
-    words, rng = CORPUS.split(), random.Random(seed)
-    text = ""
-    while len(tokenizer.encode(text, add_special_tokens=False)) < tokens:  # a word is at least one token
-        text += " " + " ".join(rng.choice(words) for _ in range(max(64, tokens // 2)))
-    return text
+    """The shortest text of at least `tokens` tokens from the tokenizer corpus's words in a seeded random order (so
+    a timed tokenization encodes the prompt, not a longer text that is cut after)."""
+    corpus, rng = CORPUS.split(), random.Random(seed)
+    words: list[str] = []
+    count = lambda n: len(tokenizer.encode(" " + " ".join(words[:n]), add_special_tokens=False))  # noqa: E731
+    while count(len(words)) < tokens:  # a word is at least one token
+        words += [rng.choice(corpus) for _ in range(max(64, tokens // 2))]
+    low, high = 1, len(words)  # the fewest words that make `tokens` tokens
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (middle + 1, high) if count(middle) < tokens else (low, middle)
+    return " " + " ".join(words[:low])
 
 
 def tokenize_prompt(tokenizer: Tokenizer, text: str, tokens: int, vocab_size: int) -> list[int]:
