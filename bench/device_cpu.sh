@@ -9,7 +9,7 @@ STEPS="${STEPS:-kernel_tests kernels variants pipeline}"
 step kernel_tests 150 python3 -m pytest -q -p no:cacheprovider tests/unit/test_cpu_kernels.py
 step kernels 150 python3 bench/kernels.py --threads 16 --sections experts,dense --repeats 5
 step variants 120 python3 bench/kernel_variants.py --threads 16 --variant default --variant KRASIS_CHUNKS_PER_THREAD=4 \
-  --variant KRASIS_CHUNKS_PER_THREAD=16 --formats q4,q8 --repeats 5
+  --formats q4,q8 --repeats 5
 step pipeline 200 python3 bench/pipeline_overhead.py --gpu none --cpu-workers 1 --streams 1,4,16 --max-tokens 64 \
   --rounds 3 --warmup 1
 cat "$OUT/machine.txt" "$OUT/summary.txt"

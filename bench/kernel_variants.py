@@ -1,6 +1,7 @@
 """A/B of CPU kernel builds: other compile-time constants (rows per tile, prefetch distance, work item sizes) or
-another git revision's kernels, timed in turns on the V2-Lite MoE layer call and one large matrix, next to
-read bandwidth. Medians over --repeats rounds; each round times every variant once, so drift hits all alike.
+another git revision's kernels, timed in turns on the V2-Lite MoE layer call and one large matrix, next to read
+bandwidth. Medians over --repeats rounds; each round times every variant once, so drift hits all alike. Each
+variant's results are also compared bit for bit with the first variant's.
 
     python bench/kernel_variants.py --threads 16 --variant git:0552095 --variant default --variant KRASIS_GU_ROWS=64
 """
@@ -70,6 +71,20 @@ def stream_case(fmt: str, gen: torch.Generator):
     return w.nbytes, lambda ops, i: ops.linear(x, w.qweight, w.scales, FORMAT_CODES[fmt], spec.group_for(k))
 
 
+def first_output(call, ops) -> torch.Tensor:
+    out = call(ops, 0)
+    return out[0] if isinstance(out, (tuple, list)) else out  # experts: (out, status)
+
+
+def differences(cases: dict, builds: dict) -> dict[str, list[str]]:
+    """Per variant, the cases whose first call's result differs in any bit from the first variant's."""
+    (_, reference), *others = builds.items()
+    expected = {case: first_output(call, reference) for case, (_, call) in cases.items()}
+    return {variant: [case for case, (_, call) in cases.items()
+                      if not torch.equal(first_output(call, ops), expected[case])]
+            for variant, ops in others}  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -112,6 +127,9 @@ def main() -> None:
             r = rates[case, variant]
             cells.append(f"{statistics.median(r):.1f} ({statistics.median(r) / best:.0%}) [{min(r):.0f}-{max(r):.0f}]")
         print(f"{case:<20}" + "".join(f"{c:>28}" for c in cells), flush=True)
+    for variant, differing in differences(cases, builds).items():
+        print(f"{variant}: " + (f"differs from {variants[0]} in {', '.join(differing)}" if differing
+                                else f"same bits as {variants[0]}"))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -13,6 +13,9 @@
 // per 4 bytes of a chunk: 4 per chunk, the int32 lanes of the dot products.
 #pragma once
 
+// A byte shuffle's control for one 32-bit lane: bytes 2i, 2i + 1 (bf16 i) as its high half, zeros below.
+constexpr int bf16_pick(int i) { return (2 * i + 1) << 24 | 2 * i << 16 | 0x8080; }
+
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 constexpr int QB = 4;
 using vi = __m512i;
@@ -28,10 +31,16 @@ inline vi dot4(vi acc, vi u, vi s) {
   return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
 #endif
 }
-// The scales of 4 chunks, each spread over its 4 lanes.
-inline vf chunk_lanes(const float* s) {
-  const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-  return _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_loadu_ps(s)));
+// The bf16 scales of 4 chunks as stored, each spread over its 4 lanes as fp32: 128-bit lane i of one byte
+// shuffle takes bf16 i as the high half of each of its fp32 lanes (a bf16 is the high half of an fp32).
+inline vf chunk_lanes(const uint16_t* s) {
+  const __m512i pick = _mm512_setr_epi32(bf16_pick(0), bf16_pick(0), bf16_pick(0), bf16_pick(0), bf16_pick(1),
+                                         bf16_pick(1), bf16_pick(1), bf16_pick(1), bf16_pick(2), bf16_pick(2),
+                                         bf16_pick(2), bf16_pick(2), bf16_pick(3), bf16_pick(3), bf16_pick(3),
+                                         bf16_pick(3));
+  int64_t bits;
+  std::memcpy(&bits, s, sizeof bits);
+  return _mm512_castsi512_ps(_mm512_shuffle_epi8(_mm512_set1_epi64(bits), pick));
 }
 #define KRASIS_Q4_VECTOR 1
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -44,7 +53,13 @@ inline vf vi_to_float(vi v) { return _mm256_cvtepi32_ps(v); }
 inline vi dot4(vi acc, vi u, vi s) {
   return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
 }
-inline vf chunk_lanes(const float* s) { return _mm256_set_m128(_mm_set1_ps(s[1]), _mm_set1_ps(s[0])); }
+inline vf chunk_lanes(const uint16_t* s) {
+  const __m256i pick = _mm256_setr_epi32(bf16_pick(0), bf16_pick(0), bf16_pick(0), bf16_pick(0), bf16_pick(1),
+                                         bf16_pick(1), bf16_pick(1), bf16_pick(1));
+  int32_t bits;
+  std::memcpy(&bits, s, sizeof bits);
+  return _mm256_castsi256_ps(_mm256_shuffle_epi8(_mm256_set1_epi32(bits), pick));
+}
 #define KRASIS_Q4_VECTOR 1
 #else
 constexpr int QB = 1;
@@ -155,28 +170,40 @@ inline int32_t chunk_dot(const uint8_t* w, const QRow& x, int64_t c, int64_t chu
   return sum;
 }
 
-// cs[r][i] = fp32 scale of chunk c0 + i of row r, i < n; `per_group` chunks share a scale. Counters, not a
-// division per chunk: an integer division costs more than a chunk's whole dot product.
+// Each chunk's weight scale stays bf16 as stored and is widened in the lanes, one broadcast + byte shuffle per
+// QB chunks (chunk_lanes). Widening the scales into an fp32 table first, chunk by chunk in scalar code, was ~73%
+// of the loop's instructions at g32 and held back the weight loads: q4 experts at one token went from 60 to
+// 81 GB/s on 16 Xeon cores (docs/BENCHMARKS.md). The same fp32 values either way, so the same bits.
+//
+// cs[r][i] = bf16 scale of chunk c0 + i of row r, i < n: at g32 (a scale per chunk) the weight's scale row
+// itself, else spread into `table`, `per_group` chunks to a scale. Counters, not a division per chunk: an
+// integer division costs more than a chunk's whole dot product.
 template <int R>
 inline void chunk_scales(const uint16_t* const* s, int64_t per_group, int64_t c0, int64_t n,
-                         float (&cs)[R][SCALE_BLOCK]) {
+                         uint16_t (&table)[R][SCALE_BLOCK], const uint16_t* (&cs)[R]) {
   for (int r = 0; r < R; ++r) {
+    if (per_group == 1) {
+      cs[r] = s[r] + c0;
+      continue;
+    }
     int64_t g = c0 / per_group, left = per_group - c0 % per_group;
-    float scale = bf16_to_float(s[r][g]);
+    uint16_t scale = s[r][g];
     for (int64_t i = 0; i < n; ++i) {
       if (left == 0) {
-        scale = bf16_to_float(s[r][++g]);
+        scale = s[r][++g];
         left = per_group;
       }
-      cs[r][i] = scale;
+      table[r][i] = scale;
       --left;
     }
+    cs[r] = table[r];
   }
 }
 
-// y[m][r] = sum_k xq[m][k] * w[n0 + r][k] for r < R, m < M: q4 weights, int8 activations.
+// y[m][r] = sum_k xq[m][k] * w[n0 + r][k] for r < R, m < M: q4 weights, int8 activations. Out of line: inlined
+// into gemv_tile_fmt, its loop ran out of registers and spilled each weight vector to the stack.
 template <int R, int M>
-void tile_q4(const QMatrix& w, int64_t n0, const QRow* x, float* const* y) {
+__attribute__((noinline)) void tile_q4(const QMatrix& w, int64_t n0, const QRow* x, float* const* y) {
   const int64_t chunks = w.k / CHUNK, blocked = KRASIS_Q4_VECTOR ? chunks / QB * QB : 0;
   const uint8_t* q[R];
   const uint16_t* s[R];
@@ -190,10 +217,11 @@ void tile_q4(const QMatrix& w, int64_t n0, const QRow* x, float* const* y) {
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) acc[r][m] = vzero();
 #endif
-  float cs[R][SCALE_BLOCK];  // fp32 weight scale of each chunk of this block of chunks
+  uint16_t table[R][SCALE_BLOCK];
+  const uint16_t* cs[R];  // the bf16 weight scale of each chunk of this block of chunks
   for (int64_t c0 = 0; c0 < chunks; c0 += SCALE_BLOCK) {
     const int64_t n = std::min(SCALE_BLOCK, chunks - c0);
-    chunk_scales<R>(s, w.group / CHUNK, c0, n, cs);
+    chunk_scales<R>(s, w.group / CHUNK, c0, n, table, cs);
 #if KRASIS_Q4_VECTOR
     for (int64_t c = c0; c < std::min(c0 + n, blocked); c += QB) {
       vi bias[M], even[M], odd[M];  // this block of every x row, loaded once for all R weight rows
@@ -219,7 +247,8 @@ void tile_q4(const QMatrix& w, int64_t n0, const QRow* x, float* const* y) {
     for (int64_t c = std::max(c0, blocked); c < c0 + n; ++c)
       for (int r = 0; r < R; ++r)
         for (int m = 0; m < M; ++m)
-          tail[r][m] += cs[r][c - c0] * x[m].d[4 * c] * static_cast<float>(chunk_dot(q[r] + c * CHUNK / 2, x[m], c, chunks));
+          tail[r][m] += bf16_to_float(cs[r][c - c0]) * x[m].d[4 * c] *
+                        static_cast<float>(chunk_dot(q[r] + c * CHUNK / 2, x[m], c, chunks));
   }
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) {

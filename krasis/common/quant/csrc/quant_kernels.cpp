@@ -87,7 +87,7 @@ constexpr int PREFETCH = PREFETCH_DEFAULT;
 #endif
 constexpr int VPC = CHUNK / W;      // vectors per chunk
 constexpr int MR = 4;               // rows of x per tile; more rows re-run the tile from cache
-constexpr int64_t SCALE_BLOCK = 64;  // groups (q4: chunks) whose scales are widened to fp32 at once
+constexpr int64_t SCALE_BLOCK = 64;  // scales set out at once: q8 groups', widened to fp32; q4 chunks', as bf16
 
 inline float bf16_to_float(uint16_t h) {
   uint32_t bits = static_cast<uint32_t>(h) << 16;
