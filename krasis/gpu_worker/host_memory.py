@@ -42,10 +42,10 @@ class HostRegistration:
 
     def __init__(self, tensors: list[torch.Tensor], writable: bool = False):
         self.held: list[tuple[int, int]] = []
-        self.failed: list[tuple[int, int]] = []  # ranges left unregistered (overlapping another registration)
+        self.failed: list[tuple[int, int]] = []  # ranges left unregistered (shared pages, another registration)
         failed = self.failed
         for span in _page_ranges(tensors):
-            if _hold(span):
+            if _exclusive(span, tensors) and _hold(span):
                 self.held.append(span)
             else:
                 failed.append(span)
@@ -72,6 +72,31 @@ class HostRegistration:
         if self.held:
             torch.cuda.synchronize()  # no copy may still be using the pages
             self.close()
+
+
+def _exclusive(span: tuple[int, int], tensors: list[torch.Tensor]) -> bool:
+    """Whether registering the page-rounded span pins no other object's bytes. Inside the malloc heap, the pages at
+    a tensor's ends hold other allocations, and a later copy of one of those that crosses the registered range's
+    edge fails ("invalid argument", raised from an unrelated op: seen with a test's small pool). Memory mapped for
+    the tensors themselves (the cache's files, shared memory, large allocations) is theirs to the page edge."""
+    start, end = span
+    if not any(low < end and start < high for low, high in _heap()):
+        return True
+    covered = sorted((t.untyped_storage().data_ptr(), t.untyped_storage().data_ptr() + t.untyped_storage().nbytes())
+                     for t in tensors)  # fmt: skip
+    reach = start
+    for low, high in covered:
+        if low > reach:
+            break
+        reach = max(reach, high)
+    return reach >= end
+
+
+def _heap() -> list[tuple[int, int]]:
+    """The address ranges of the brk heap ([heap] in /proc/self/maps)."""
+    with open("/proc/self/maps") as maps:
+        lines = [line.split() for line in maps if line.rstrip().endswith("[heap]")]
+    return [tuple(int(a, 16) for a in fields[0].split("-")) for fields in lines]
 
 
 def _hold(span: tuple[int, int]) -> bool:

@@ -164,15 +164,26 @@ def test_streamed_core_hands_the_pool_the_kv_of_the_resident_core(fragmented, mo
     pools = []
     for runner in runners:
         pool = KVCache.allocate(model.kv_widths, 40, 16, torch.bfloat16, "cpu")
+        pool.layers = [page_aligned(t) for t in pool.layers]  # pages of its own, as a shared-memory pool has
         core = GpuPrefillCore(runner.model, pool, frozenset(), model.config.vocab_size, 512, runner=runner)
         params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
         core.add(AddRequest("a", PROMPT, params, list(range(20))))
         core.add(AddRequest("b", PROMPT[:100], params, [39, 30, 31, 25, 26, 27, 28]))
         while core.has_work:
             core.step()
+        assert core.staging.hand_off.pool_registered  # copies went straight into the pool's pages
         core.close()
         runner.close()
         pools.append(pool)
     assert pools[0].layers[1].count_nonzero() > 0
     for resident, streamed in zip(*[p.layers for p in pools]):
         assert torch.equal(streamed, resident)
+
+
+def page_aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """A zeroed copy of `tensor` on whole pages of its own storage (a small tensor's own pages sit in the malloc heap
+    beside other objects, which the hand-off's registration must not pin)."""
+    page = 4096
+    raw = torch.zeros(tensor.nbytes + 2 * page, dtype=torch.uint8)
+    start = -raw.data_ptr() % page
+    return raw[start : start + tensor.nbytes].view(tensor.dtype).view(tensor.shape)
