@@ -4,6 +4,7 @@ time for long ones) and builds its rotary tables once: the same numbers as each 
 import pytest
 import torch
 
+from krasis.common.kernels.cpu import decode_ops
 from krasis.common.layers import attention
 from krasis.common.layers.rotary import apply_rotary_half, apply_rotary_interleaved, half_tables, interleaved_tables
 from krasis.common.model_loader import load_model
@@ -43,7 +44,14 @@ def test_decode_step_of_several_sequences_equals_each_alone(model):
     assert relative_error(together, alone) <= TOLERANCE
 
 
+def test_decode_kernel_equals_the_torch_formulas(model, monkeypatch):
+    kernel = decode_step_hidden(model)
+    monkeypatch.setattr(decode_ops, "decode_attention", lambda *args: None)  # every layer on torch's GEMMs
+    assert relative_error(kernel, decode_step_hidden(model)) <= TOLERANCE
+
+
 def test_padded_gather_equals_attending_one_sequence_at_a_time(model, monkeypatch):
+    monkeypatch.setattr(decode_ops, "decode_attention", lambda *args: None)  # the torch formulas, the CPU fallback
     gathers = []
     padded_context = attention.padded_context
     monkeypatch.setattr(attention, "padded_context", lambda *args: gathers.append(1) or padded_context(*args))

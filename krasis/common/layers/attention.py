@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import CausalBias, causal_lower_right
 
+from krasis.common.kernels.cpu import decode_ops
 from krasis.common.kv_cache import ForwardBatch, SequenceSlice
 
 FEW_QUERIES = 16  # up to this many queries (decode, short chunks) attend by GEMMs; more through SDPA's fused kernels
@@ -16,6 +17,10 @@ FEW_QUERIES = 16  # up to this many queries (decode, short chunks) attend by GEM
 # 4 x 256 even (1.37 / 1.28), 4 x 1024 5.8 / 4.1.
 BATCHED_DECODE_BYTES = 256 << 10
 
+# Single queries over contexts up to this long attend in one decode_ops kernel call (fewer host ops); longer ones
+# through torch's GEMMs, which split the context over the threads better: V2-Lite MLA on 16 Xeon cores, 115 us a
+# layer in the kernel at 0.5K, but 2.96 ms against ~1.9 ms for the GEMMs at 32K (bench/decode_profile.py).
+DECODE_KERNEL_CONTEXT = 1024
 # Cached rows [..., width] -> keys [..., kv_heads, D] and values [..., kv_heads, Dv] (views), per layer type.
 KVSplit = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 # (start, stop) -> keys [n, H, D] and values [n, H, Dv] of those context tokens (attend_chunk_blockwise)
@@ -180,6 +185,11 @@ def attend_single_queries(
     """
     cache, seqs = batch.kv.layers[layer_idx], batch.single_queries[1]
     longest = max(seq.context_len for seq in seqs)
+    if cache.device.type == "cpu" and longest <= DECODE_KERNEL_CONTEXT:  # one kernel call, KV read in place
+        starts, ends, slots = batch.per_step(("decode_rows", sliding_window), lambda: decode_rows(seqs, sliding_window))
+        out = decode_ops.decode_attention(q, *split_kv(cache), starts, ends, scale, slots)
+        if out is not None:
+            return out
     if len(seqs) > 1 and longest * cache.shape[1] * cache.element_size() <= BATCHED_DECODE_BYTES:
         build = lambda: padded_context(seqs, sliding_window, cache.device)  # noqa: E731
         index, blocked = batch.per_step(("padded_context", sliding_window), build)
@@ -191,6 +201,19 @@ def attend_single_queries(
         blocked = window_blocked(seq.context_len, sliding_window, q.device)
         outs.append(attend_one_query_each(q[row : row + 1], k, v, scale, blocked))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def decode_rows(seqs: list[SequenceSlice], sliding_window: int | None):
+    """Each one-query sequence's visible rows for `decode_ops.decode_attention`: (starts, ends, None) of cache rows when
+    every context is a run of rows, else (starts, ends, slots) into all contexts' slots concatenated."""
+    lengths = [seq.context_len for seq in seqs]
+    visible = [n if sliding_window is None else min(n, sliding_window) for n in lengths]
+    if all(isinstance(seq.context_slots, slice) for seq in seqs):
+        ends = [seq.context_slots.stop for seq in seqs]
+        return [end - n for end, n in zip(ends, visible)], ends, None
+    slots = torch.cat([context_slot_tensor(seq.context_slots, "cpu") for seq in seqs])
+    ends = torch.tensor(lengths).cumsum(0).tolist()
+    return [end - n for end, n in zip(ends, visible)], ends, slots
 
 
 def attend_one_query_each(

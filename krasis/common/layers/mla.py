@@ -10,6 +10,7 @@ context x heads x (2 kv_lora + rope) multiply-adds instead of context x kv_b_pro
 import torch
 from torch import nn
 
+from krasis.common.kernels.cpu import decode_ops
 from krasis.common.kv_cache import ForwardBatch
 from krasis.common.layers.attention import (
     FEW_QUERIES,
@@ -138,11 +139,15 @@ class MLAttention(nn.Module):
     def _absorb_queries(self, q_nope: torch.Tensor) -> torch.Tensor:
         """q_nope [T, heads, nope] -> [T, heads, kv_lora]: q_nope . (W_UK latent) == (q_nope W_UK) . latent."""
         w_uk = self._kv_b_weight(q_nope.dtype)[:, : self.nope_dim]  # [heads, nope, kv_lora]
+        if q_nope.device.type == "cpu" and (absorbed := decode_ops.heads_matmul(q_nope, w_uk, False)) is not None:
+            return absorbed  # one call over the weight (torch.bmm runs a matmul per head)
         return torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)
 
     def _unabsorb(self, out_latent: torch.Tensor) -> torch.Tensor:
         """Attention-weighted latents [T, heads, kv_lora] -> values [T, heads, v] through W_UV."""
         w_uv = self._kv_b_weight(out_latent.dtype)[:, self.nope_dim :]  # [heads, v, kv_lora]
+        if out_latent.device.type == "cpu" and (values := decode_ops.heads_matmul(out_latent, w_uv, True)) is not None:
+            return values
         return torch.bmm(out_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
 
     def _kv_b_weight(self, dtype: torch.dtype) -> torch.Tensor:

@@ -27,8 +27,8 @@ class PreNormDecoderLayer(nn.Module):
         return getattr(self, self.mixer_name)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        x = x + self.token_mixer(self.input_layernorm(x), batch)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x, h = self.post_attention_layernorm.add_and_norm(x, self.token_mixer(self.input_layernorm(x), batch))
+        return x + self.mlp(h)
 
 
 class DecoderModel(nn.Module):

@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from krasis.common.layers.mla import MLAttention
@@ -109,7 +110,7 @@ class DeepseekV2MoE(nn.Module):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Router in fp32 (the reference keeps gate.weight fp32) -> weights, ids [T, K]."""
         cfg = self.cfg
-        scores = torch.softmax(x.float() @ self.gate.weight.float().t(), dim=-1)
+        scores = torch.softmax(F.linear(x.float(), self.gate.weight.float()), dim=-1)
         if cfg.topk_method == "greedy":
             weights, ids = torch.topk(scores, k=cfg.num_experts_per_tok, dim=-1, sorted=False)
         else:
@@ -117,7 +118,9 @@ class DeepseekV2MoE(nn.Module):
         if cfg.num_experts_per_tok > 1 and cfg.norm_topk_prob:
             # transformers 5 ignores this flag (every published V2 config has it off); we follow DeepSeek's code.
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return weights * cfg.routed_scaling_factor, ids
+        if cfg.routed_scaling_factor != 1.0:  # a multiply by 1 changes nothing and costs an op a layer
+            weights = weights * cfg.routed_scaling_factor
+        return weights, ids
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, H]

@@ -98,17 +98,18 @@ def bf16_backend() -> str:
 
 def quant_linear(x: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
     """x: [M, K] bf16/fp32 on the CPU, qw: [N, K] -> [M, N] in x.dtype, accumulated in fp32."""
-    _check_x(x, qw, "quant_linear")
+    ops = _ops()
+    if ops is not None:  # the kernel tests x and the weight itself (~10 us of Python checks a call saved)
+        y = ops.linear(x, qw.qweight, qw.scales, FORMAT_CODES[qw.spec.format], qw.spec.group_for(qw.shape[-1]))
+        if y is not None:
+            return y
+    _check_x(x, qw, "quant_linear")  # raises, naming what does not fit
     if len(qw.shape) != 2:
         raise ValueError(f"quant_linear: weight {qw.shape} is not one [N, K] matrix")
     _check_cpu_layout(qw, "quant_linear")
-    ops = _ops()
     if ops is None:
         return torch_quant_linear(x, qw)
-    y = ops.linear(x, qw.qweight, qw.scales, FORMAT_CODES[qw.spec.format], qw.spec.group_for(qw.shape[-1]))
-    if y is None:
-        raise ValueError(f"quant_linear: the kernel cannot read x {x.dtype} {tuple(x.shape)} with weight {qw.shape}")
-    return y
+    raise ValueError(f"quant_linear: the kernel cannot read x {x.dtype} {tuple(x.shape)} with weight {qw.shape}")
 
 
 def quant_experts(
