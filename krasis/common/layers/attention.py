@@ -1,5 +1,5 @@
-"""Attention over paged KV: SDPA for prefill chunks, plain GEMMs for a few queries, and the step's single queries
-(decode tokens) of all sequences together."""
+"""Attention over paged KV: prefill chunks through cuDNN block by block on a GPU (SDPA elsewhere), plain GEMMs for a
+few queries, and the step's single queries (decode tokens) of all sequences together."""
 
 from collections.abc import Callable
 
@@ -21,6 +21,7 @@ BATCHED_DECODE_BYTES = 256 << 10
 # through torch's GEMMs, which split the context over the threads better: V2-Lite MLA on 16 Xeon cores, 115 us a
 # layer in the kernel at 0.5K, but 2.96 ms against ~1.9 ms for the GEMMs at 32K (bench/decode_profile.py).
 DECODE_KERNEL_CONTEXT = 1024
+
 # Cached rows [..., width] -> keys [..., kv_heads, D] and values [..., kv_heads, Dv] (views), per layer type.
 KVSplit = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 # (start, stop) -> keys [n, H, D] and values [n, H, Dv] of those context tokens (attend_chunk_blockwise)
