@@ -44,8 +44,11 @@ class HostRegistration:
         self.held: list[tuple[int, int]] = []
         self.failed: list[tuple[int, int]] = []  # ranges left unregistered (shared pages, another registration)
         failed = self.failed
+        mappings = _mappings()  # read once for all the spans
+        storages = sorted((t.untyped_storage().data_ptr(), t.untyped_storage().data_ptr() + t.untyped_storage().nbytes())
+                          for t in tensors)  # fmt: skip
         for span in _page_ranges(tensors):
-            if _exclusive(span, tensors) and _hold(span):
+            if _exclusive(span, mappings, storages) and _hold(span, mappings):
                 self.held.append(span)
             else:
                 failed.append(span)
@@ -74,32 +77,31 @@ class HostRegistration:
             self.close()
 
 
-def _exclusive(span: tuple[int, int], tensors: list[torch.Tensor]) -> bool:
+def _exclusive(span: tuple[int, int], mappings: list[tuple[int, int, str, str]], storages: list[tuple[int, int]]) -> bool:
     """Whether registering the page-rounded span pins no other object's bytes. Inside the malloc heap, the pages at
     a tensor's ends hold other allocations, and a later copy of one of those that crosses the registered range's
     edge fails ("invalid argument", raised from an unrelated op: seen with a test's small pool). Memory mapped for
-    the tensors themselves (the cache's files, shared memory, large allocations) is theirs to the page edge."""
+    the tensors themselves (the cache's files, shared memory, large allocations) is theirs to the page edge.
+    `storages`: the tensors' storages' [start, end), sorted."""
     start, end = span
-    if not any(low < end and start < high for low, high in _heap()):
+    if not any(low < end and start < high and path == "[heap]" for low, high, _, path in mappings):
         return True
-    covered = sorted((t.untyped_storage().data_ptr(), t.untyped_storage().data_ptr() + t.untyped_storage().nbytes())
-                     for t in tensors)  # fmt: skip
     reach = start
-    for low, high in covered:
+    for low, high in storages:
         if low > reach:
             break
         reach = max(reach, high)
     return reach >= end
 
 
-def _heap() -> list[tuple[int, int]]:
-    """The address ranges of the brk heap ([heap] in /proc/self/maps)."""
+def _mappings() -> list[tuple[int, int, str, str]]:
+    """This process's mappings from /proc/self/maps: (start, end, permissions, path or "")."""
     with open("/proc/self/maps") as maps:
-        lines = [line.split() for line in maps if line.rstrip().endswith("[heap]")]
-    return [tuple(int(a, 16) for a in fields[0].split("-")) for fields in lines]
+        fields = [line.split(maxsplit=5) for line in maps]
+    return [(*(int(a, 16) for a in f[0].split("-")), f[1], f[5].strip() if len(f) > 5 else "") for f in fields]
 
 
-def _hold(span: tuple[int, int]) -> bool:
+def _hold(span: tuple[int, int], mappings: list[tuple[int, int, str, str]]) -> bool:
     """Register [start, end) unless this process already did (then count one more holder)."""
     if span in _counts:
         _counts[span] += 1
@@ -107,7 +109,8 @@ def _hold(span: tuple[int, int]) -> bool:
     if any(a < span[1] and span[0] < b for a, b in _counts):
         return False  # partly registered under another range: CUDA refuses overlaps
     start, end = span
-    flags = HOST_REGISTER_PORTABLE | (0 if _writable(start, end) else HOST_REGISTER_READ_ONLY)
+    writable = all("w" in perms for low, high, perms, _ in mappings if low < end and start < high)
+    flags = HOST_REGISTER_PORTABLE | (0 if writable else HOST_REGISTER_READ_ONLY)
     if not _ok(torch.cuda.cudart().cudaHostRegister(start, end - start, flags)):
         _clear_last_error()
         return False
@@ -120,17 +123,6 @@ def _release(span: tuple[int, int]) -> None:
     if _counts[span] == 0:
         del _counts[span]
         torch.cuda.cudart().cudaHostUnregister(span[0])
-
-
-def _writable(start: int, end: int) -> bool:
-    """Whether every mapping of [start, end) in this process allows writes (/proc/self/maps)."""
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            addresses, perms = line.split()[:2]
-            low, high = (int(a, 16) for a in addresses.split("-"))
-            if low < end and start < high and "w" not in perms:
-                return False
-    return True
 
 
 def _ok(result) -> bool:

@@ -5,19 +5,18 @@ q8 weights multiply the activations as they are (fp32); q4 weights multiply acti
 int8 per 32 values (`int8_activations`), in integer dot products: int4 unpacked to fp32 made q4 decode
 compute-bound. bf16 weights meet bf16 activations (AVX-512 BF16 `vdpbf16ps` where the CPU has it), summed
 in fp32 and rounded once, as F.linear. The C++ extension (csrc/) is built on first use with -march=native
-into torch's extensions cache (torch's build lock keeps concurrent first uses to one build); if it cannot build,
-the same functions run as dequantize-then-matmul in torch, after a one-line warning.
+into torch's extensions cache (`kernels/cpu/build.py`; torch's build lock keeps concurrent first uses to one build);
+if it cannot build, the same functions run as dequantize-then-matmul in torch, after a one-line warning.
 """
 
 import functools
 import hashlib
-import platform
-import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from krasis.common.kernels.cpu.build import build_or_warn, cpu_tag, load_extension
 from krasis.common.layers.mlp import activation
 from krasis.common.quant.formats import QuantizedWeight, dequantize
 
@@ -29,23 +28,12 @@ _NO_BIAS = torch.empty(0, dtype=torch.bfloat16)
 _EXPERTS_OK = -1  # the experts op's status: -1 done, >= 0 an unknown expert at that index of topk_ids, -2 bad input
 
 
-def _cpu_tag() -> str:
-    """Names the build after the CPU model: a -march=native binary must not be loaded on another CPU."""
-    try:
-        model = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or platform.machine()
-    return hashlib.sha1(model.encode()).hexdigest()[:8]
-
-
 def build_extension(march: str = "native", defines: tuple[str, ...] = (), source_dir: Path | None = None):
     """Compile (or reuse the cached build of) the kernels for -march=`march`; returns their torch.ops namespace.
 
     `defines` ("KRASIS_NR=8", ...) override the source's tuning constants, and `source_dir` replaces csrc/
     (another revision's kernels), for benchmarks.
     """
-    from torch.utils import cpp_extension
-
     csrc = source_dir or _CSRC
     source = csrc / "quant_kernels.cpp"
     # torch rebuilds when the .cpp changes, not a header it includes: the headers name the build.
@@ -53,13 +41,8 @@ def build_extension(march: str = "native", defines: tuple[str, ...] = (), source
     variant = "default"
     if defines or source_dir:
         variant = hashlib.sha1(" ".join([*defines, str(source_dir or "")]).encode()).hexdigest()[:6]
-    name = f"krasis_quant_{march.replace('-', '_')}_{_cpu_tag()}_{variant}_{headers}"
-    flags = ["-O3", f"-march={march}", "-fopenmp", f"-DKRASIS_OPS_NS={name}", *(f"-D{d}" for d in defines)]
-    cpp_extension.load(
-        name=name, sources=[str(source)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-        is_python_module=False, verbose=False,
-    )
-    return getattr(torch.ops, name)
+    name = f"krasis_quant_{march.replace('-', '_')}_{cpu_tag()}_{variant}_{headers}"
+    return load_extension(name, source, ["-O3", f"-march={march}", *(f"-D{d}" for d in defines)])
 
 
 @functools.cache
@@ -69,19 +52,7 @@ def _ops():
 
 
 def _load_or_warn():
-    try:
-        return build_extension()
-    except Exception as exc:  # noqa: BLE001 - any build failure means: use the torch path
-        reason = _first_error_line(str(exc)) or type(exc).__name__
-        warnings.warn(f"krasis: CPU quant kernels unavailable ({reason}); using dequantize-then-matmul", stacklevel=2)
-        return None
-
-
-def _first_error_line(text: str) -> str:
-    """The compiler's first `error:` line when there is one (the message starts with the whole command)."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    errors = [line for line in lines if "error:" in line]
-    return (errors or lines or [""])[0][:200]
+    return build_or_warn(build_extension, "CPU quant kernels", "dequantize-then-matmul")
 
 
 def kernel_backend() -> str:

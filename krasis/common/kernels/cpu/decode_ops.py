@@ -1,52 +1,31 @@
 """The decode-step kernels of decode_ops.cpp: attention of one query per head over cached rows (the context split
 across threads), RMSNorm with the residual add before it, DeepSeek's interleaved rotary.
 
-Built on first use with -march=native into torch's extensions cache, named after the CPU model and the source, as
-the quant kernels are. Each op returns None for an input it does not take (a dtype, a layout); `ops()` is None where
+Built on first use with -march=native into torch's extensions cache, as the quant kernels are (`build.py`). Each op returns None for an input it does not take (a dtype, a layout); `ops()` is None where
 the extension cannot be built. Either way the callers keep their torch formulas.
 """
 
 import functools
 import hashlib
-import platform
-import warnings
 from pathlib import Path
 
 import torch
 
+from krasis.common.kernels.cpu.build import build_or_warn, cpu_tag, load_extension
+
 _SOURCE = Path(__file__).with_name("decode_ops.cpp")
-
-
-def _cpu_tag() -> str:
-    """A -march=native binary must not be loaded on another CPU model."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        model = next(line for line in lines if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or platform.machine()
-    return hashlib.sha1(model.encode()).hexdigest()[:8]
 
 
 def build_extension():
     """Compile (or reuse the cached build of) decode_ops.cpp; returns its torch.ops namespace."""
-    from torch.utils import cpp_extension
-
-    name = f"krasis_decode_{_cpu_tag()}_{hashlib.sha1(_SOURCE.read_bytes()).hexdigest()[:6]}"
-    flags = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", f"-DKRASIS_OPS_NS={name}"]
-    cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                       is_python_module=False, verbose=False)  # fmt: skip
-    return getattr(torch.ops, name)
+    name = f"krasis_decode_{cpu_tag()}_{hashlib.sha1(_SOURCE.read_bytes()).hexdigest()[:6]}"
+    return load_extension(name, _SOURCE, ["-O3", "-march=native", "-ffp-contract=off"])
 
 
 @functools.cache
 def ops():
     """The compiled ops, built once per process; None when they cannot be built here."""
-    try:
-        return build_extension()
-    except Exception as exc:  # noqa: BLE001 - any build failure means: keep the torch formulas
-        errors = [line.strip() for line in str(exc).splitlines() if "error:" in line] or [type(exc).__name__]
-        warnings.warn(f"krasis: CPU decode kernels unavailable ({errors[0][:200]}); using torch ops", stacklevel=2)
-        return None
+    return build_or_warn(build_extension, "CPU decode kernels", "torch ops")
 
 
 _NO_SLOTS = torch.empty(0, dtype=torch.long)
