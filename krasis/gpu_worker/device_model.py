@@ -6,6 +6,8 @@ StackedExperts is replaced, whatever the architecture."""
 import torch
 from torch import nn
 
+from krasis.common.kernels.gpu.dequant import experts_per_block
+from krasis.common.kernels.gpu.fused_moe import DEQUANTIZE_FIRST_ROWS
 from krasis.common.kernels.gpu.moe import moe_experts
 from krasis.common.layers.attention import PAST_BLOCK, cudnn_shapes_ok
 from krasis.common.layers.moe import StackedExperts
@@ -30,6 +32,7 @@ class StreamedExperts(nn.Module):
             tensors = [host.gate_up_proj.detach(), host.down_proj.detach()]
         self.host_tensors = [t.contiguous() for t in tensors]
         self.device_weights = None  # (gate_up, down) while bound
+        self.scratch_bytes = 0  # what the VRAM plan holds for dequantizing these experts ahead of their GEMMs
 
     @property
     def nbytes(self) -> int:
@@ -63,7 +66,7 @@ class StreamedExperts(nn.Module):
         # x: [T, H]; topk_*: [T, k] -> [T, H]
         if self.device_weights is None:
             raise RuntimeError(f"layer {self.layer_index}: routed experts are neither resident nor streamed in")
-        return moe_experts(x, *self.device_weights, topk_ids, topk_weights, self.hidden_act)
+        return moe_experts(x, *self.device_weights, topk_ids, topk_weights, self.hidden_act, self.scratch_bytes)
 
 
 def buffer_views(buffer: torch.Tensor, tensors: list[torch.Tensor], offset: int = 0) -> tuple[list[torch.Tensor], int]:
@@ -190,4 +193,15 @@ def activation_shape(model, kv_dtype_bytes: int | None = None, cudnn: bool = Fal
         layer_kv_bytes_per_token=kv_width * (kv_dtype_bytes or d), dtype_bytes=d, num_experts=experts[0].num_experts if experts else 0,
         state_bytes_per_seq=4 * sum(model.state_widths),
         attention_block=PAST_BLOCK if blockwise else 0,
+        expert_scratch_bytes=expert_scratch_bytes(experts[0], d) if experts else 0,
+        dequantize_first_rows=DEQUANTIZE_FIRST_ROWS,
     )  # fmt: skip
+
+
+def expert_scratch_bytes(experts: StackedExperts, dtype_bytes: int) -> int:
+    """The float scratch quantized experts are dequantized into a block at a time (kernels.gpu.moe and fused_moe)."""
+    if not experts.quantized:
+        return 0
+    shape = experts.quantized["gate_up_proj"].shape
+    per_expert = 3 * shape[1] // 2 * shape[2] * dtype_bytes
+    return experts_per_block(shape, dtype_bytes) * per_expert

@@ -26,6 +26,8 @@ class StreamingPrefill:
         self.model, self.experts, self.plan, self.device = model, experts, plan, torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.dtype = model.model.embed_tokens.weight.dtype  # activations and the KV staging
+        for layer_experts in experts.values():
+            layer_experts.scratch_bytes = plan.expert_scratch_bytes
         for i in plan.resident_expert_layers:
             experts[i].bind([t.to(self.device) for t in experts[i].host_tensors])
         streamed = [t for g in plan.groups for i in g for t in experts[i].host_tensors]

@@ -2,13 +2,14 @@
 set aside for activations and KV staging. Pure arithmetic over byte counts (no torch), so it is tested on
 any machine; `krasis.gpu_worker.device_model.measure_weights` supplies the byte counts of a real model."""
 
-from dataclasses import dataclass, field
+import itertools
+from dataclasses import dataclass, field, replace
 
 GiB = 1 << 30
 BUFFER_ALIGN = 256  # every tensor inside a streaming buffer starts on this boundary
 STAGING_ROW_ALIGN = 256  # KV staging rows are planned in these steps (covers the page rounding of each prompt)
-MIN_CHUNK_TOKENS = 256
-FUSED_BLOCK_ROWS = 128  # the tallest row block of the fused expert kernels (krasis.common.kernels.gpu.fused_moe)  # the planner halves the prefill chunk down to this before giving up
+MIN_CHUNK_TOKENS = 256  # the planner halves the prefill chunk down to this before giving up
+FUSED_BLOCK_ROWS = 128  # the tallest row block of the fused expert kernels (krasis.common.kernels.gpu.fused_moe)
 DEFAULT_STATE_SLOTS = 4  # sequences a prefill step carries state for (models with linear attention)
 
 
@@ -52,6 +53,8 @@ class ActivationShape:
     num_experts: int = 0  # routed experts of a layer (their row padding in the fused expert kernels)
     state_bytes_per_seq: int = 0  # fp32 state rows of one sequence over all layers (linear attention)
     attention_block: int = 0  # context tokens attention expands at a time (MLA blockwise on cuDNN); 0: all at once
+    expert_scratch_bytes: int = 0  # quantized experts dequantized a block at a time before their GEMMs (0: never)
+    dequantize_first_rows: int = 0  # ... for chunks of at least this many routed rows an expert on average
 
     def chunk_bytes(self, chunk: int, context: int) -> int:
         """Peak transient bytes of one chunk of `chunk` tokens attending over `context` tokens: its layer input,
@@ -66,9 +69,12 @@ class ActivationShape:
         attention = context_bytes + 4 * chunk * self.num_heads * 256 * d
         rows = chunk * self.top_k
         # router scores and ids; the fused expert kernels' padded rows (pair index, expert of each block, the
-        # activation h), each pair's output row, the weighted sum; the routing's sort and index temporaries
+        # activation h), each pair's output row, the weighted sum; the routing's sort and index temporaries; the
+        # scratch of dequantized experts
         padded = rows + min(self.num_experts, rows) * (FUSED_BLOCK_ROWS - 1)
         moe = chunk * self.num_experts * 8 + padded * (self.expert_width * d + 12) + rows * (h * d + 48) + chunk * h * d
+        if self.expert_scratch_bytes and rows >= self.dequantize_first_rows * self.num_experts:
+            moe += self.expert_scratch_bytes
         return io + max(attention, moe)
 
     def step_bytes(self, step_tokens: int, chunk: int, state_slots: int) -> int:
@@ -112,6 +118,11 @@ class VramPlan:
         return chunk
 
     @property
+    def expert_scratch_bytes(self) -> int:
+        """The scratch routed experts may be dequantized into ahead of their GEMMs (0: they never are)."""
+        return self.shape.expert_scratch_bytes if self.shape is not None else 0
+
+    @property
     def total_bytes(self) -> int:
         return self.resident_bytes + self.num_buffers * self.buffer_bytes + self.activation_bytes
 
@@ -120,6 +131,7 @@ class VramPlan:
         return bool(self.groups)
 
     def describe(self) -> str:
+        scratch = self.expert_scratch_bytes
         lines = [
             f"VRAM plan: budget {self.budget_bytes / GiB:.2f} GiB, planned {self.total_bytes / GiB:.2f} GiB",
             f"  resident weights {self.resident_bytes / GiB:.2f} GiB "
@@ -128,7 +140,8 @@ class VramPlan:
             f"{'; lm_head on the host' if self.host_lm_head else ''})",
             f"  activations {self.activation_bytes / GiB:.2f} GiB "
             f"(chunks of {self.chunk_tokens} tokens, up to {self.step_tokens} tokens a step, KV staged one layer "
-            f"at a time{f', state rows of {self.state_slots} sequences' if self.state_slots else ''})",
+            f"at a time{f', state rows of {self.state_slots} sequences' if self.state_slots else ''}"
+            f"{f'; routed experts dequantized {scratch >> 20} MiB at a time' if scratch else ''})",
         ]
         if self.streams:
             streamed = [i for g in self.groups for i in g]
@@ -169,16 +182,18 @@ def plan_vram(
     state_slots = state_slots if shape.state_bytes_per_seq else 0
     chunk = min(chunk_tokens, step_tokens)
     # a smaller chunk costs GEMM efficiency on every layer; the host embedding costs a lookup of the step's rows, the
-    # host lm_head the logits of a few rows on the CPU: both go to the host before the chunk shrinks
+    # host lm_head the logits of a few rows on the CPU: both go to the host before the chunk shrinks; so does the
+    # scratch of dequantizing experts first (they are then dequantized in the GEMM tiles, at about half the speed)
     choices = [(False, False)]
     if weights.embedding_bytes:
         choices.append((True, False))
     if weights.lm_head_bytes:
         choices.append((bool(weights.embedding_bytes), True))
+    shapes = [shape, replace(shape, expert_scratch_bytes=0)] if shape.expert_scratch_bytes else [shape]
     while True:
-        for host_embedding, host_lm_head in choices:
+        for chunk_shape, (host_embedding, host_lm_head) in itertools.product(shapes, choices):
             try:
-                return plan_for_chunk(weights, shape, budget_bytes, chunk, step_tokens, group_layers, slack,
+                return plan_for_chunk(weights, chunk_shape, budget_bytes, chunk, step_tokens, group_layers, slack,
                                       state_slots, host_embedding, host_lm_head)  # fmt: skip
             except VramBudgetError as exc:
                 error = exc

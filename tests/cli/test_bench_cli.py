@@ -42,8 +42,8 @@ def test_tiny_preset_reports_every_figure_with_its_limit_and_ratio(tmp_path):
     assert code == 0, output
     report = json.loads((tmp_path / "bench.json").read_text())
     figures = {f["name"]: f for f in report["figures"]}
-    assert set(figures) == {"prefill 64 tok/s", "TTFT 64", "prefill 192 tok/s", "TTFT 192", "decode at 96 tok/s",
-                            "peak RSS"}  # fmt: skip
+    assert set(figures) == {"prefill 64 tok/s", "TTFT 64", "TTFT 64, first of length", "prefill 192 tok/s", "TTFT 192",
+                            "TTFT 192, first of length", "decode at 96 tok/s", "peak RSS"}  # fmt: skip
     for name, figure in figures.items():
         assert figure["value"] > 0 and figure["limit"] > 0 and figure["bound_by"], name
         assert 0 < figure["ratio"] <= 1.5, f"{name}: ratio {figure['ratio']} against {figure['bound_by']}"
@@ -51,6 +51,8 @@ def test_tiny_preset_reports_every_figure_with_its_limit_and_ratio(tmp_path):
     assert report["limits"]["cpu_read_gbs_best"] > 0
     assert set(report["limits"]["gemm_tflops"]) == {"64", "192"}
     assert report["timings"]["96"]["decode_tokens"] == 4
+    assert report["timings"]["96"]["first_ttft_s"] is None  # a decode context only: prefilled once
+    assert report["timings"]["192"]["first_ttft_s"] > 0
     assert sum(report["decode_bytes_per_token"]["96"].values()) > report["decode_bytes_per_token"]["96"]["lm_head"]
 
 

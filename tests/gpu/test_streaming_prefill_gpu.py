@@ -65,8 +65,9 @@ def test_plan_never_exceeds_the_budget():
 
 
 @pytest.mark.parametrize("spec", ["q4:g32", "q8:g128", "q4:channel"])
-def test_dequant_kernel_equals_dequantize(spec):
-    weight = torch.randn(6, 384, 256)
+@pytest.mark.parametrize("shape", [(6, 384, 256), (5, 77, 640)], ids=["whole-blocks", "ragged"])
+def test_dequant_kernel_equals_dequantize(spec, shape):
+    weight = torch.randn(*shape)
     qw = quantize(weight, QuantSpec.parse(spec))
     on_gpu = type(qw)(qw.spec, qw.shape, qw.qweight.cuda(), qw.scales.cuda())
     out = dequantize_into(on_gpu, torch.empty(qw.shape, dtype=torch.bfloat16, device="cuda"))
@@ -187,3 +188,24 @@ def page_aligned(tensor: torch.Tensor) -> torch.Tensor:
     raw = torch.zeros(tensor.nbytes + 2 * page, dtype=torch.uint8)
     start = -raw.data_ptr() % page
     return raw[start : start + tensor.nbytes].view(tensor.dtype).view(tensor.shape)
+
+
+@pytest.mark.parametrize("quant", ["q4", "q4:g64", "q8:g128"])
+@pytest.mark.parametrize("shape", [(16, 256, 128, 1000, 4), (64, 2048, 1408, 4096, 6)], ids=["small", "v2-lite"])
+def test_experts_dequantized_first_equal_the_bf16_kernels_on_the_dequantized_weights(quant, shape):
+    """Quantized experts dequantized a block at a time (five experts a block here), then the bf16 kernels over each
+    block's rows: the same bits as the bf16 kernels over all experts' dequantized weights, run to run, and within
+    the tile-dequantizing kernels' error of float64."""
+    experts, hidden, inter, _, _ = shape
+    x, ids, weights, stored, floats = _expert_inputs(shape, quant, 7)
+    args = (x.cuda(), *[_cuda(w) for w in stored], ids.cuda(), weights.cuda())
+    five_experts = 5 * 3 * inter * hidden * 2
+    first = fused_experts(*args, dequantize_first=True, scratch_bytes=five_experts)
+    assert torch.equal(first, fused_experts(*args, dequantize_first=True, scratch_bytes=five_experts))
+    bf16 = fused_experts(x.cuda(), *[w.cuda() for w in floats], ids.cuda(), weights.cuda())
+    assert torch.equal(first, bf16)
+    exact = _fp64_experts(x, *floats, ids, weights)
+    rel = lambda out: ((out.cpu().double() - exact).norm() / exact.norm()).item()  # noqa: E731
+    in_tiles = fused_experts(*args, dequantize_first=False)
+    assert rel(first) <= 1.25 * rel(in_tiles) + 1e-3, f"first {rel(first):.2e}, in tiles {rel(in_tiles):.2e}"
+

@@ -151,3 +151,16 @@ def test_the_lm_head_leaves_the_device_after_the_embedding_and_before_the_chunk_
     assert both.host_embedding and both.host_lm_head and both.chunk_tokens == 4096 and both.total_bytes <= 2100 * MiB
     assert "lm_head on the host" in both.describe()
     assert not plan_vram(untied, SHAPE, 2500 * MiB, 4096, 8192, slack_bytes=0).host_lm_head
+
+
+def test_the_dequantizing_scratch_counts_for_large_chunks_and_goes_before_the_chunk_shrinks():
+    scratch = dataclasses.replace(SHAPE, expert_scratch_bytes=240 * MiB, dequantize_first_rows=256)
+    # 4096 tokens x top-6 over 64 experts: 384 rows an expert, dequantized first; 2048: 192 rows, in the GEMM tiles
+    assert scratch.chunk_bytes(4096, 8192) > SHAPE.chunk_bytes(4096, 8192)
+    assert scratch.chunk_bytes(2048, 8192) == SHAPE.chunk_bytes(2048, 8192)
+    roomy = plan_vram(weights(), scratch, 4000 * MiB, 4096, 8192, slack_bytes=0)
+    assert roomy.expert_scratch_bytes == 240 * MiB and "dequantized 240 MiB at a time" in roomy.describe()
+    smallest = min(b for b in range(2000, 3000, 10) if plan(b).chunk_tokens == 4096)  # without any scratch
+    tight = plan_vram(weights(), scratch, smallest * MiB, 4096, 8192, slack_bytes=0)
+    assert tight.chunk_tokens == 4096 and tight.expert_scratch_bytes == 0 and tight.total_bytes <= smallest * MiB
+    assert "dequantized" not in tight.describe()

@@ -8,17 +8,26 @@ device (no host sync, so the host keeps enqueueing while the GPU works).
 3. down kernel: y = h W_down^T for each pair, written unpadded in pair order (token * k + slot), [T * k, H];
 4. sum kernel: out[t] = sum over slots of y[t, s] * weight[t, s] in fp32, rounded once to the output dtype.
 
+Dequantizing inside a GEMM tile costs the tensor cores their overlap (Triton waits for each tile's MMAs before the
+next tile's unpacking), so a quantized GEMM runs at about half a bf16 one. With many rows an expert it pays to
+dequantize first: a block of experts at a time into a bf16 scratch (one memory-bound pass over the weights), then
+the bf16 kernels over that block's rows. That path learns each block's rows from one host sync a layer.
+
 Rounding follows StackedExperts: the GEMM outputs, the activation and the gated product are rounded to bf16 as
 torch's bf16 ops round them; weights are q * scale exactly, rounded once to bf16 as `dequantize` does. A token's
 slots are summed in slot order (the reference sums in expert order): within bf16 tolerance of the reference, and
 deterministic, so a streamed and a resident run give the same bits.
 """
 
+import itertools
+
 import torch
 
+from krasis.common.kernels.gpu.dequant import DEQUANT_BLOCK_BYTES, dequantize_experts, experts_per_block
 from krasis.common.quant.formats import QuantizedWeight
 
 ACTIVATIONS = ("silu", "swish")  # the gated activations the kernel computes in place; others take the grouped path
+DEQUANTIZE_FIRST_ROWS = 320  # rows an expert (on average) from which quantized experts are dequantized first
 
 
 def fused_available(x: torch.Tensor, gate_up, act: str) -> bool:
@@ -61,47 +70,102 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> t
 
 
 def fused_experts(x: torch.Tensor, gate_up, down, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                  tiles: dict | None = None, block_m: int | None = None) -> torch.Tensor:  # fmt: skip
+                  tiles: dict | None = None, block_m: int | None = None, dequantize_first: bool | None = None,
+                  scratch_bytes: int = DEQUANT_BLOCK_BYTES) -> torch.Tensor:  # fmt: skip
     """x: [T, H] bf16 on CUDA; gate_up [E, 2I, H] and down [E, H, I] (QuantizedWeight or bf16); topk_* [T, k]
     -> [T, H] bf16: sum over k of weight * down(silu(gate(x)) * up(x)) of each selected expert. `tiles` overrides
     `pick_tiles` ({"gate_up": (BLOCK_N, BLOCK_K, warps, stages), "down": ...}: the benchmark's sweep), `block_m`
-    the row-block height (`compile_kernels`)."""
+    the row-block height (`compile_kernels`), `dequantize_first` the choice of `dequantizes_first` for quantized
+    weights, `scratch_bytes` the bf16 scratch of that path."""
     tokens, hidden = x.shape
     num_experts, two_inter, _ = gate_up.shape
-    inter, top_k = two_inter // 2, topk_ids.shape[1]
+    top_k = topk_ids.shape[1]
     pairs = tokens * top_k
     block_m = block_m or block_rows(pairs, num_experts)
     rows, block_expert = align_by_expert(topk_ids, num_experts, block_m)
     x = x.contiguous()
-    h = torch.empty(rows.numel(), inter, dtype=x.dtype, device=x.device)
+    h = torch.empty(rows.numel(), two_inter // 2, dtype=x.dtype, device=x.device)
     y = torch.empty(pairs, hidden, dtype=x.dtype, device=x.device)
     out = torch.empty(tokens, hidden, dtype=x.dtype, device=x.device)
-    blocks = block_expert.numel()
-    fmt, group = _format(gate_up), _group(gate_up, hidden)
-    n, k, warps, stages = (tiles or {}).get("gate_up") or pick_tiles("gate_up", fmt, group, hidden, block_m)
-    _gate_up[(blocks, triton_cdiv(inter, n))](
-        x, *_operands(gate_up), rows, block_expert, h, pairs, top_k, num_experts, hidden, inter, FORMAT=fmt,
-        GROUP=group, BLOCK_M=block_m, BLOCK_N=n, BLOCK_K=k, num_warps=warps, num_stages=stages)  # fmt: skip
-    fmt, group = _format(down), _group(down, inter)
-    n, k, warps, stages = (tiles or {}).get("down") or pick_tiles("down", fmt, group, inter, block_m)
-    _down[(blocks, triton_cdiv(hidden, n))](
-        h, *_operands(down), rows, block_expert, y, pairs, num_experts, inter, hidden, FORMAT=fmt, GROUP=group,
-        BLOCK_M=block_m, BLOCK_N=n, BLOCK_K=k, num_warps=warps, num_stages=stages)  # fmt: skip
+    routed = _Routed(x, rows, block_expert, h, y, pairs, top_k, block_m, tiles)
+    if dequantize_first is None:
+        dequantize_first = dequantizes_first(gate_up, pairs, scratch_bytes)
+    if dequantize_first and isinstance(gate_up, QuantizedWeight):
+        _dequantized_by_block(routed, gate_up, down, scratch_bytes)
+    else:
+        routed.gemms(gate_up, down, 0, block_expert.numel(), 0, num_experts)
     weights = topk_weights.reshape(-1).float().contiguous()
     _weighted_sum[(tokens, triton_cdiv(hidden, SUM_BLOCK))](y, weights, out, hidden, TOP_K=top_k, BLOCK_H=SUM_BLOCK)
     return out
 
 
+def dequantizes_first(gate_up, pairs: int, scratch_bytes: int) -> bool:
+    """Whether quantized experts are dequantized a block at a time before bf16 GEMMs (rather than tile by tile in
+    the GEMMs): given a scratch, from DEQUANTIZE_FIRST_ROWS rows an expert on average, where the bf16 kernels'
+    speed pays for one extra pass over the weights (bench/moe_kernels.py times both). The VRAM plan counts the
+    scratch by the same rule (vram_plan.ActivationShape.chunk_bytes)."""
+    quantized = isinstance(gate_up, QuantizedWeight)
+    return quantized and scratch_bytes > 0 and pairs >= DEQUANTIZE_FIRST_ROWS * gate_up.shape[0]
+
+
+class _Routed:
+    """One call's routed rows and output buffers, and the launch of its two GEMM kernels over a range of blocks."""
+
+    def __init__(self, x, rows, block_expert, h, y, pairs: int, top_k: int, block_m: int, tiles: dict | None):
+        self.x, self.rows, self.block_expert, self.h, self.y = x, rows, block_expert, h, y
+        self.pairs, self.top_k, self.block_m, self.tiles = pairs, top_k, block_m, tiles or {}
+
+    def gemms(self, gate_up, down, block0: int, blocks: int, expert0: int, expert_end: int) -> None:
+        """Row blocks [block0, block0 + blocks), whose experts lie in [expert0, expert_end): gate_up and down hold
+        experts from expert0 on (all of a layer's, or a dequantized block of them)."""
+        hidden, inter = self.x.shape[1], self.h.shape[1]
+        fmt, group = _format(gate_up), _group(gate_up, hidden)
+        n, k, warps, stages = self.tiles.get("gate_up") or pick_tiles("gate_up", fmt, group, hidden, self.block_m)
+        _gate_up[(blocks, triton_cdiv(inter, n))](
+            self.x, *_operands(gate_up), self.rows, self.block_expert, self.h, self.pairs, self.top_k, block0, expert0,
+            expert_end, hidden, inter, FORMAT=fmt, GROUP=group, BLOCK_M=self.block_m, BLOCK_N=n, BLOCK_K=k,
+            num_warps=warps, num_stages=stages)  # fmt: skip
+        fmt, group = _format(down), _group(down, inter)
+        n, k, warps, stages = self.tiles.get("down") or pick_tiles("down", fmt, group, inter, self.block_m)
+        _down[(blocks, triton_cdiv(hidden, n))](
+            self.h, *_operands(down), self.rows, self.block_expert, self.y, self.pairs, block0, expert0, expert_end,
+            inter, hidden, FORMAT=fmt, GROUP=group, BLOCK_M=self.block_m, BLOCK_N=n, BLOCK_K=k, num_warps=warps,
+            num_stages=stages)  # fmt: skip
+
+
+def _dequantized_by_block(routed: _Routed, gate_up: QuantizedWeight, down: QuantizedWeight, scratch_bytes: int):
+    """Blocks of experts in turn: dequantized into one bf16 scratch, then the bf16 GEMMs over their row blocks. The
+    row blocks of each block of experts come from the one host sync of the call."""
+    num_experts, two_inter, hidden = gate_up.shape
+    per_block = experts_per_block(gate_up.shape, routed.x.element_size(), scratch_bytes)
+    per_block = -(-num_experts // -(-num_experts // per_block))  # as many blocks, evened out
+    edges = [*range(0, num_experts, per_block), num_experts]
+    device = routed.x.device
+    firsts = torch.searchsorted(routed.block_expert, torch.tensor(edges, dtype=torch.int32, device=device))
+    block_edges = firsts.tolist()  # blocks are sorted by expert: block_edges[i] is the first of expert edges[i]
+    scratch = torch.empty(per_block * 3 * (two_inter // 2) * hidden, dtype=routed.x.dtype, device=device)
+    for (e0, e1), (b0, b1) in zip(itertools.pairwise(edges), itertools.pairwise(block_edges)):
+        if b0 == b1:
+            continue
+        split = (e1 - e0) * two_inter * hidden
+        gate_up_bf16 = dequantize_experts(gate_up, e0, e1, scratch[:split].view(e1 - e0, two_inter, hidden))
+        down_view = scratch[split : split * 3 // 2].view(e1 - e0, hidden, two_inter // 2)
+        down_bf16 = dequantize_experts(down, e0, e1, down_view)
+        routed.gemms(gate_up_bf16, down_bf16, b0, b1 - b0, e0, e1)
+
+
 def compile_kernels(gate_up, down, top_k: int) -> None:
-    """Compile the kernels for every row-block height on stand-in weights of the real ones' format and shape (the
-    expert count and token count are not specialized on), so that no prompt waits for Triton's compiler."""
+    """Compile the kernels for every row-block height, both ways for quantized weights, on stand-in weights of the
+    real ones' format and shape (the expert count and token count are not specialized on), so that no prompt waits
+    for Triton's compiler."""
     hidden = gate_up.shape[2]
     device = (gate_up.qweight if isinstance(gate_up, QuantizedWeight) else gate_up).device
     x = torch.zeros(4, hidden, dtype=torch.bfloat16, device=device)
     ids = torch.arange(4 * top_k, device=device).view(4, top_k) % gate_up.shape[0]
     weights = torch.ones(4, top_k, device=device)
-    for block_m in (16, 32, 64, 128):
-        fused_experts(x, gate_up, down, ids, weights, block_m=block_m)
+    first = (False, True) if isinstance(gate_up, QuantizedWeight) else (False,)
+    for block_m, dequantize_first in itertools.product((16, 32, 64, 128), first):
+        fused_experts(x, gate_up, down, ids, weights, block_m=block_m, dequantize_first=dequantize_first)
 
 
 def pick_tiles(kernel: str, fmt: str, group: int, k: int, block_m: int) -> tuple[int, int, int, int]:
@@ -195,21 +259,22 @@ if triton is not None:
         pair = tl.join((low - 136.0) * scale, (high - 136.0) * scale)  # [BLOCK_K / 2, BLOCK_N, 2]: columns 2j, 2j + 1
         return tl.reshape(tl.permute(pair, (0, 2, 1)), (BLOCK_K, pair.shape[1]))
 
-    @triton.jit(do_not_specialize=["pairs", "top_k", "num_experts"])
-    def _gate_up(x_ptr, q_ptr, s_ptr, rows_ptr, block_expert_ptr, h_ptr, pairs, top_k, num_experts, K, N,
-                 FORMAT: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    @triton.jit(do_not_specialize=["pairs", "top_k", "block0", "expert0", "expert_end"])
+    def _gate_up(x_ptr, q_ptr, s_ptr, rows_ptr, block_expert_ptr, h_ptr, pairs, top_k, block0, expert0, expert_end,
+                 K, N, FORMAT: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr):  # fmt: skip
-        # x [T, K]; weight [E, 2N, K] (gate rows, then up rows); h [R, N] = silu(x W_gate^T) * (x W_up^T)
-        expert = tl.load(block_expert_ptr + tl.program_id(0))
-        if expert >= num_experts:
+        # x [T, K]; weight [E, 2N, K] (gate rows, then up rows) from expert0 on; h [R, N] = silu(x Wg^T) * (x Wu^T)
+        block = block0 + tl.program_id(0)
+        expert = tl.load(block_expert_ptr + block)
+        if expert >= expert_end:
             return
-        m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m = block * BLOCK_M + tl.arange(0, BLOCK_M)
         pair = tl.load(rows_ptr + m)
         token = (pair // top_k).to(tl.int64)
         valid = pair < pairs
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = n < N
-        gate_row0 = expert.to(tl.int64) * 2 * N
+        gate_row0 = (expert - expert0).to(tl.int64) * 2 * N
         acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -228,20 +293,21 @@ if triton is not None:
         h = (act * acc_up.to(tl.bfloat16).to(tl.float32)).to(tl.bfloat16)
         tl.store(h_ptr + m[:, None].to(tl.int64) * N + n[None, :], h, mask=n_mask[None, :])
 
-    @triton.jit(do_not_specialize=["pairs", "num_experts"])
-    def _down(h_ptr, q_ptr, s_ptr, rows_ptr, block_expert_ptr, y_ptr, pairs, num_experts, K, N,
+    @triton.jit(do_not_specialize=["pairs", "block0", "expert0", "expert_end"])
+    def _down(h_ptr, q_ptr, s_ptr, rows_ptr, block_expert_ptr, y_ptr, pairs, block0, expert0, expert_end, K, N,
               FORMAT: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr):  # fmt: skip
-        # h [R, K] (padded rows); weight [E, N, K]; y [pairs, N] = h W^T, each row at its pair
-        expert = tl.load(block_expert_ptr + tl.program_id(0))
-        if expert >= num_experts:
+        # h [R, K] (padded rows); weight [E, N, K] from expert0 on; y [pairs, N] = h W^T, each row at its pair
+        block = block0 + tl.program_id(0)
+        expert = tl.load(block_expert_ptr + block)
+        if expert >= expert_end:
             return
-        m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m = block * BLOCK_M + tl.arange(0, BLOCK_M)
         pair = tl.load(rows_ptr + m)
         valid = pair < pairs
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = n < N
-        row0 = expert.to(tl.int64) * N
+        row0 = (expert - expert0).to(tl.int64) * N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)

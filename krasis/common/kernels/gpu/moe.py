@@ -10,7 +10,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from krasis.common.kernels.gpu.dequant import dequantize_into
+from krasis.common.kernels.gpu.dequant import DEQUANT_BLOCK_BYTES, dequantize_experts, experts_per_block
 from krasis.common.kernels.gpu.fused_moe import fused_available, fused_experts
 from krasis.common.layers.mlp import activation
 from krasis.common.quant.cpu_kernels import quant_experts
@@ -18,24 +18,19 @@ from krasis.common.quant.formats import QuantizedWeight
 
 log = logging.getLogger("krasis.kernels")
 
-DEQUANT_BLOCK_BYTES = 256 << 20  # bf16 scratch for one block of dequantized experts (both projections)
 _grouped_mm_failed = False
 
 
-def experts_per_block(gate_up_shape, dtype_bytes: int = 2, block_bytes: int = DEQUANT_BLOCK_BYTES) -> int:
-    num_experts, two_inter, hidden = gate_up_shape
-    per_expert = 3 * (two_inter // 2) * hidden * dtype_bytes
-    return max(1, min(num_experts, block_bytes // per_expert))
-
-
-def moe_experts(x, gate_up, down, topk_ids, topk_weights, act: str = "silu") -> torch.Tensor:
-    """x: [T, H]; topk_*: [T, k] -> [T, H] in x.dtype. On the CPU exactly what StackedExperts computes."""
+def moe_experts(x, gate_up, down, topk_ids, topk_weights, act: str = "silu",
+                scratch_bytes: int = DEQUANT_BLOCK_BYTES) -> torch.Tensor:  # fmt: skip
+    """x: [T, H]; topk_*: [T, k] -> [T, H] in x.dtype. On the CPU exactly what StackedExperts computes. The fused
+    kernels may dequantize quantized experts first into up to `scratch_bytes` (0: never)."""
     if x.device.type == "cpu":
         if isinstance(gate_up, QuantizedWeight):
             return quant_experts(x, gate_up, down, topk_ids, topk_weights, act)
         return reference_experts(x, gate_up, down, topk_ids, topk_weights, act)
     if fused_available(x, gate_up, act):
-        return fused_experts(x, gate_up, down, topk_ids, topk_weights)
+        return fused_experts(x, gate_up, down, topk_ids, topk_weights, scratch_bytes=scratch_bytes)
     return grouped_experts(x, gate_up, down, topk_ids, topk_weights, act)
 
 
@@ -99,9 +94,8 @@ def _block_weights(weight, e0: int, e1: int, dtype) -> torch.Tensor:
     """Experts [e0, e1) as a float [b, N, K] tensor: a view of float weights, a fresh dequantization of quantized ones."""
     if not isinstance(weight, QuantizedWeight):
         return weight[e0:e1]
-    part = QuantizedWeight(weight.spec, (e1 - e0, *weight.shape[1:]), weight.qweight[e0:e1], weight.scales[e0:e1])
-    out = torch.empty(part.shape, dtype=dtype, device=weight.qweight.device)
-    return dequantize_into(part, out)
+    out = torch.empty((e1 - e0, *weight.shape[1:]), dtype=dtype, device=weight.qweight.device)
+    return dequantize_experts(weight, e0, e1, out)
 
 
 def grouped_mm(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, rows: list[int]) -> torch.Tensor:
