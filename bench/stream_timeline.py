@@ -4,12 +4,15 @@ CUDA events at each expert group's copy (start, end: copy stream) and each layer
 host's clock when it enqueued each layer. Prints, per prompt length, the timeline of the second of two runs, a summary:
 host work before the first layer, copy time against the link rate, compute, time the compute stream waited for
 copies, and the tail after the last layer (final norm, logits, the KV hand-off); and both runs' TTFT, whose
-difference is what the first prompt of a length pays once (new shapes: allocator segments, cuDNN plans).
+difference is what the first prompt of a length pays once (new shapes: allocator segments, cuDNN plans). --profile N
+then profiles the host (cProfile) through one more N-token prompt.
 
     python bench/stream_timeline.py --preset deepseek-v2-lite --budget 5 --tokens 512 8192 32768
 """
 
 import argparse
+import cProfile
+import pstats
 import sys
 import time
 from pathlib import Path
@@ -107,6 +110,7 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=5.0)
     p.add_argument("--chunk", type=int, default=8192)
     p.add_argument("--tokens", type=int, nargs="+", default=[512, 8192, 32768])
+    p.add_argument("--profile", type=int, default=0, help="then profile the host through one prompt of this length")
     args = p.parse_args()
     raw = preset_config(args.preset, args.layers)
     plan, dtype = QuantPlan.parse(args.quant), torch.bfloat16
@@ -133,6 +137,13 @@ def main() -> None:
                 ttfts.append(timing.ttft_s * 1e3)
             report(timeline, tokens, timing.ttft_s, timing.tokenize_s, link, group_bytes)
             print(f"{tokens} tokens: first run TTFT {ttfts[0]:.1f} ms, second {ttfts[1]:.1f} ms")
+        if args.profile:
+            text = prompt_text(tokenizer, args.profile, 0)
+            pipeline.run(text, args.profile, 0)
+            profile = cProfile.Profile()
+            profile.runcall(pipeline.run, text, args.profile, 0)
+            print(f"\nhost profile of a {args.profile}-token prompt (cumulative):")
+            pstats.Stats(profile).sort_stats("cumulative").print_stats(45)
     finally:
         pipeline.close()
 

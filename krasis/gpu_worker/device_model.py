@@ -142,13 +142,15 @@ def build_device_model(model, device, host_embedding: bool = False,
 
 
 def _device_bytes(module: nn.Module, dtype: torch.dtype, skip_ids: set[int], counted: set[int]) -> int:
-    """Bytes `module`'s own tensors take on the device (QuantLinear dequantized to `dtype`); each tensor once."""
+    """Bytes `module`'s own tensors take on the device (QuantLinear dequantized to `dtype`); each tensor (and each
+    QuantLinear) once."""
     total = 0
     for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
         if id(t) not in skip_ids and id(t) not in counted:
             counted.add(id(t))
             total += t.nbytes
-    if isinstance(module, QuantLinear):
+    if isinstance(module, QuantLinear) and id(module) not in counted:  # its weight is no tensor of the module's
+        counted.add(id(module))
         total += module.weight_q.shape[0] * module.weight_q.shape[1] * dtype.itemsize
     return total
 

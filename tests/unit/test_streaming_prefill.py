@@ -9,11 +9,16 @@ import torch
 from krasis.common.kernels.gpu.moe import grouped_experts, reference_experts
 from krasis.common.kv_cache import KVCache
 from krasis.common.quant.formats import QuantSpec, dequantize, quantize
-from krasis.gpu_worker.device_model import activation_shape, measure_weights
+from krasis.gpu_worker.device_model import activation_shape, build_device_model, measure_weights
 from krasis.gpu_worker import kv_handoff
 from krasis.gpu_worker.kv_handoff import KVHandOff
 from krasis.gpu_worker.prefill_runner import CpuPrefillRoute, build_prefill_runner, cpu_prefill
+from krasis.bench import presets
 from krasis.bench.presets import QWEN3_CODER_NEXT
+from krasis.bench.random_weights import bench_model_dir, ensure_random_cache
+from krasis.common.model_loader import load_model
+from krasis.common.quant.modules import QuantLinear
+from krasis.common.quant.plan import QuantPlan
 from krasis.bench.random_model import TINY_DEEPSEEK_V2, random_model
 from krasis.common.engine import EngineConfig, EngineCore
 from krasis.common.sampling import SamplingParams
@@ -185,3 +190,17 @@ def test_streamed_core_hands_state_rows_to_the_pool_as_engine_core_computes_them
         if width:
             slots = engine.kv.slots(engine.running[0].page_table, 0, len(PROMPT))
             assert torch.equal(streamed.kv.read(i, streamed.kv.slots([3, 4, 5], 0, len(PROMPT))), engine.kv.read(i, slots))
+
+
+def test_planned_weights_are_the_device_model_s_bytes_with_quantized_shared_experts(tmp_path):
+    """measure_weights counts each weight once: a quantized shared expert (QuantLinear, dequantized on the device)
+    was counted by its layer and again with the rest of the model, 0.84 GiB too much on all of V2-Lite."""
+    raw, plan = presets.preset_config("tiny"), QuantPlan.parse("q4", "q8:g32")  # q8 dense: QuantLinears everywhere
+    model_dir = bench_model_dir("tiny", raw, seed=3, root=tmp_path / "models")
+    ensure_random_cache(model_dir, plan, tmp_path / "quant")
+    model = load_model(model_dir, dtype=torch.bfloat16, quant=plan, cache_root=tmp_path / "quant")
+    assert any(isinstance(m, QuantLinear) for m in model.modules())
+    device_model, experts = build_device_model(model, "cpu")
+    on_device = sum(t.nbytes for t in [*device_model.parameters(), *device_model.buffers()])
+    weights = measure_weights(model)
+    assert weights.total_bytes - sum(layer.expert_bytes for layer in weights.layers) == on_device
