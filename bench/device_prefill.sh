@@ -21,7 +21,7 @@ step prefill27 ${PREFILL27_S:-300} python3 -c "from krasis.ctl.main import cli; 
   --threads 16 --prompt-tokens 8K,32K --decode-context 0.5K --decode-tokens 8 --json "$OUT/prefill-v2lite-q4.json"
 step bench27_4gib 200 python3 -c "from krasis.ctl.main import cli; cli()" bench --preset deepseek-v2-lite --device cuda --quant q4 \
   --vram-budget 4 --threads 16 --prompt-tokens 2K,8K,32K --decode-context 0.5K --decode-tokens 16 --json "$OUT/bench-v2lite-q4-4gib.json"
-step timeline ${TIMELINE_S:-200} python3 bench/stream_timeline.py --budget ${BUDGET:-4} --tokens 512 8192 32768
+step timeline ${TIMELINE_S:-200} python3 bench/stream_timeline.py --budget ${BUDGET:-4} ${TIMELINE_ARGS:---tokens 512 8192 32768}
 step profile 120 python3 bench/prefill_profile.py --layers 4 --tokens 8192 --chunk 8192
 step profile32 150 python3 bench/prefill_profile.py --layers 4 --tokens 32768 --chunk 8192
 step prefill 180 python3 bench/gpu_prefill.py --layers 12 --quant q4 --budget 4 --tokens 8192 --chunk 8192
