@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from krasis.common.kernels.cpu import decode_ops
+from krasis.common.layers.attention import attend_few_queries
 from krasis.common.layers.norm import RMSNorm
 from krasis.common.layers.rotary import interleaved_tables
 
@@ -59,6 +60,48 @@ def test_decode_attention_equals_softmax_attention_in_place_and_through_slots(la
     slots = torch.randperm(3000, generator=torch.Generator().manual_seed(2))
     expected = reference_attention(q, k, v, [slots[s:e] for s, e in zip(starts, ends)], scale)
     assert_attention_close(decode_ops.decode_attention(q, k, v, starts, ends, scale, slots), expected, dtype)
+
+
+def paged_slots(rows: int, seed: int) -> torch.Tensor:
+    """Cache rows in pages of 16, the pages in a shuffled order (a long-lived pool's slots)."""
+    pages = torch.randperm(rows // 16, generator=torch.Generator().manual_seed(seed))
+    return (pages[:, None] * 16 + torch.arange(16)).flatten()
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["rows", "slots"])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES)
+def test_decode_attention_over_long_mla_contexts_reads_values_from_the_key_rows(dtype, paged):
+    k, v = cache_views("mla", 9008, dtype)  # v: the first 512 columns of k's rows, one cache row each
+    assert v.data_ptr() == k.data_ptr() and v.stride(0) == k.stride(0)
+    q = torch.randn(2, 16, 576, generator=torch.Generator().manual_seed(1)).to(dtype)
+    starts, ends = [0, 1001], [9008, 6000]  # many blocks and items; an odd-sized last block
+    slots = paged_slots(9008, 2) if paged else None
+    rows = [slice(s, e) if slots is None else slots[s:e] for s, e in zip(starts, ends)]
+    expected = reference_attention(q, k, v, rows, 576**-0.5)
+    assert_attention_close(decode_ops.decode_attention(q, k, v, starts, ends, 576**-0.5, slots), expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES)
+def test_decode_attention_takes_many_query_heads_an_odd_key_width_and_a_value_tail(dtype):
+    g = torch.Generator().manual_seed(0)
+    cache = torch.randn(700, 2, 57, generator=g).to(dtype)  # 2 KV heads, keys 37 wide, values 20
+    k, v = cache[..., :37], cache[..., 37:]
+    q = torch.randn(2, 80, 37, generator=g).to(dtype)  # 40 query heads a KV head: several vectors of heads
+    expected = reference_attention(q, k, v, [slice(3, 700), slice(0, 5)], 0.2)
+    assert_attention_close(decode_ops.decode_attention(q, k, v, [3, 0], [700, 5], 0.2), expected, dtype)
+
+
+def test_decode_attention_of_a_batch_of_short_gqa_sequences_matches_the_torch_path():
+    g = torch.Generator().manual_seed(0)
+    cache = torch.randn(16 * 512, 4, 256, generator=g).bfloat16()  # Qwen3-30B-A3B: 32 heads over 4, head 128
+    k, v = cache[..., :128], cache[..., 128:]
+    q = torch.randn(16, 32, 128, generator=g).bfloat16()
+    starts, ends = [b * 512 + b for b in range(16)], [(b + 1) * 512 for b in range(16)]
+    expected = torch.cat([
+        attend_few_queries(q[b : b + 1], k[s:e], v[s:e], 128**-0.5, None) for b, (s, e) in enumerate(zip(starts, ends))
+    ])  # fmt: skip
+    actual = decode_ops.decode_attention(q, k, v, starts, ends, 128**-0.5)
+    assert ((actual.float() - expected.float()).abs().max() / expected.float().abs().max()).item() <= 2**-7
 
 
 def test_decode_attention_gives_the_same_bits_on_any_thread_count():

@@ -62,11 +62,16 @@ using vb = __m512i;
 inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 inline vf vset1(float a) { return _mm512_set1_ps(a); }
 inline vb vb_load(const uint16_t* p) { return _mm512_loadu_si512(p); }
+inline vb vb_set1(uint32_t x) { return _mm512_set1_epi32(int(x)); }
 inline vf bf_even(vb v) { return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)); }
 inline vf bf_odd(vb v) { return _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(int(0xffff0000u)))); }
-#if defined(__AVX512BF16__)
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #define KRASIS_BF16_DOT 1  // vdpbf16ps: 32 bf16 products a step, pairs summed in fp32 (no widening)
 inline vf bf_dot(vf acc, vb a, vb b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
+// The bf16 elements of rows a and b interleaved into pairs (a low, b high), per 128-bit lane: its first 4 columns
+// from pairs_low, its last 4 from pairs_high.
+inline vb pairs_low(vb a, vb b) { return _mm512_unpacklo_epi16(a, b); }
+inline vb pairs_high(vb a, vb b) { return _mm512_unpackhi_epi16(a, b); }
 #endif
 #elif defined(__AVX2__) && defined(__FMA__)
 constexpr int64_t VW = 8;
@@ -75,6 +80,7 @@ using vb = __m256i;
 inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
 inline vf vset1(float a) { return _mm256_set1_ps(a); }
 inline vb vb_load(const uint16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline vb vb_set1(uint32_t x) { return _mm256_set1_epi32(int(x)); }
 inline vf bf_even(vb v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
 inline vf bf_odd(vb v) { return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int(0xffff0000u)))); }
 #else
@@ -83,6 +89,7 @@ typedef float vf __attribute__((vector_size(16)));
 typedef uint32_t vb __attribute__((vector_size(16)));
 inline vf vfma(vf a, vf b, vf c) { return a * b + c; }
 inline vf vset1(float a) { return vf{a, a, a, a}; }
+inline vb vb_set1(uint32_t x) { return vb{x, x, x, x}; }
 inline vb vb_load(const uint16_t* p) {
   vb v;
   std::memcpy(&v, p, sizeof v);
@@ -100,6 +107,15 @@ inline vf vload(const float* p) {
   return v;
 }
 inline void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+typedef uint32_t vu __attribute__((vector_size(sizeof(vf))));  // the lanes' bits
+
+// Each lane rounded to T: bf16 to nearest even as bf16_bits rounds (a NaN kept as it is), fp32 as it is.
+template <class T>
+inline vf round_lanes(vf x) {
+  if constexpr (std::is_same_v<T, float>) return x;
+  const vu u = (vu)x, rounded = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+  return x == x ? (vf)rounded : x;
+}
 inline float vsum(vf v) {
   float s = 0.f;
   for (int64_t i = 0; i < VW; ++i) s += v[i];
@@ -107,10 +123,12 @@ inline float vsum(vf v) {
 }
 
 // e^x for x <= 0 (scores minus their maximum), within ~2 ulp: x = n ln2 + r, |r| <= ln2 / 2, Cephes' polynomial.
-// Branch-free, so a loop of it vectorizes.
+// n is read from the bits of x log2 e + 1.5 * 2^23 (its low mantissa bits), never converted: the same steps lane by
+// lane in vexp_nonpositive.
 inline float exp_nonpositive(float x) {
   x = std::max(x, -87.0f);
-  const float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // round to nearest (|x log2 e| < 2^22)
+  const float shifted = x * 1.44269504f + 12582912.0f;  // round to nearest (|x log2 e| < 2^22)
+  const float n = shifted - 12582912.0f;
   const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -119,14 +137,442 @@ inline float exp_nonpositive(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * (r * r) + r + 1.0f;
-  const uint32_t bits = uint32_t(int32_t(n) + 127) << 23;  // 2^n (std::bit_cast is C++20: torch 2.11 builds C++17)
+  uint32_t bits;
+  std::memcpy(&bits, &shifted, sizeof bits);
+  bits = (bits - 0x4b400000u + 127u) << 23;  // 2^n
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return p * scale;
 }
 
+inline vf vmax(vf a, vf b) { return a < b ? b : a; }  // std::max lane by lane
+
+inline vf vexp_nonpositive(vf x) {
+  x = vmax(x, vset1(-87.0f));
+  const vf shifted = x * vset1(1.44269504f) + vset1(12582912.0f);
+  const vf n = shifted - vset1(12582912.0f);
+  const vf r = (x - n * vset1(0.693359375f)) + n * vset1(2.12194440e-4f);
+  vf p = vset1(1.9875691500e-4f);
+  p = p * r + vset1(1.3981999507e-3f);
+  p = p * r + vset1(8.3334519073e-3f);
+  p = p * r + vset1(4.1665795894e-2f);
+  p = p * r + vset1(1.6666665459e-1f);
+  p = p * r + vset1(5.0000001201e-1f);
+  p = p * (r * r) + r + vset1(1.0f);
+  return p * (vf)(((vu)shifted - 0x4b400000u + 127u) << 23);
+}
+
 // ---- decode attention -------------------------------------------------------------------------------------------
-// Element layouts of one cached row as the kernel steps through it: fp32 rows VW elements a step; bf16 rows 2 VW
+// The G query heads of a KV head lie across the SIMD lanes (L lanes: G rounded up to whole vectors), so no sum is
+// ever reduced across lanes: a score step broadcasts one key element of a cached row (bf16: a pair) into the query
+// vectors of all G heads, the softmax runs lane by lane, and the weighted sum broadcasts each head's probability
+// into the value columns. The rows stream through in blocks of BLOCK, the softmax merged online from block to
+// block, so a block's rows are still in L2 when its values (MLA: a prefix of the same rows) are read.
+template <class T>
+constexpr bool PAIR_DOT = KRASIS_BF16_DOT && std::is_same_v<T, uint16_t>;  // vdpbf16ps on bf16 pairs as stored
+template <class T>
+constexpr int64_t KEY_STEP = std::is_same_v<T, uint16_t> ? 2 : 1;  // key elements one broadcast carries
+template <class T>
+constexpr int64_t QUERY_PARTS = std::is_same_v<T, uint16_t> && !PAIR_DOT<T> ? 2 : 1;  // query vectors a step
+
+constexpr int64_t BLOCK = 128;  // rows of one softmax block (MLA bf16: 147 KB of rows, in L2 until the values)
+// Registers: a score tile sums SCORE_ROWS rows (at most) x HV head vectors (HV_MAX at most) in SCORE_SUMS; a value
+// tile sums NH_MAX heads (at most) x 2 vectors of columns.
+#if defined(__AVX512F__)
+constexpr int SCORE_SUMS = 16, SCORE_ROWS = 12, HV_MAX = 2, NH_MAX = 8;  // of 32 (and 12 row pointers)
+#else
+constexpr int SCORE_SUMS = 12, SCORE_ROWS = 8, HV_MAX = 4, NH_MAX = 6;  // of 16
+#endif
+// Work items of a call: chunks of a sequence's rows for one KV head, of one size whatever the thread count (so the
+// sums, and the bits, do not depend on it): about TARGET_ITEMS of them, MIN_CHUNK to MAX_CHUNK rows each. Fewer,
+// longer items write and merge less state ([G][Dv] fp32 each, 32 KB for MLA); enough of them keep a socket busy.
+constexpr int64_t TARGET_ITEMS = 64, MIN_CHUNK = 32, MAX_CHUNK = 4096;
+
+// One work item: query heads [G] of one KV head over cached rows [r0, r1) of one sequence.
+struct Item {
+  int64_t b, h, r0, r1;
+};
+
+struct Views {  // k [N, Hkv, D], v [N, Hkv, Dv]: element strides; G query heads per KV head in L lanes; row r of a
+  int64_t G, L, D, Dv, Hkv;  // sequence is cache row slots[r] (r itself when there are no slots)
+  int64_t kn, kh, vn, vh;
+  const int64_t* slots;
+};
+
+// fn.operator()<n>() for a runtime 1 <= n <= N.
+template <int N, class F>
+void dispatch(int64_t n, const F& fn) {
+  if constexpr (N > 1)
+    if (n < N) return dispatch<N - 1>(n, fn);
+  fn.template operator()<N>();
+}
+
+// The G query rows [G][D] of one KV head as the score tiles read them: 4-byte cells [steps][QUERY_PARTS][L], a step
+// KEY_STEP key elements; bf16 pairs as stored for vdpbf16ps, else fp32 (bf16: the step's even elements, then its
+// odd ones). Lanes past G, and the element past an odd D, are zero.
+template <class T>
+void pack_queries(const T* q, int64_t G, int64_t D, int64_t L, float* out) {
+  constexpr int64_t S = KEY_STEP<T>, P = QUERY_PARTS<T>;
+  const int64_t steps = (D + S - 1) / S;
+  std::fill(out, out + steps * P * L, 0.f);
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t j = 0; j < steps; ++j) {
+      const int64_t d = j * S;
+      float* cell = out + j * P * L + g;
+      if constexpr (PAIR_DOT<T>) {
+        const uint32_t bits = q[g * D + d] | (d + 1 < D ? uint32_t(q[g * D + d + 1]) << 16 : 0u);
+        std::memcpy(cell, &bits, sizeof bits);
+      } else {
+        for (int64_t part = 0; part < S && d + part < D; ++part) cell[part * L] = Elem<T>::load(q, g * D + d + part);
+      }
+    }
+}
+
+// One key step into the sums acc[i][h] of NR rows k_i and HV head vectors: the step's query vectors (qj) times the
+// rows' elements d (and d + 1 for bf16, unless `lone`: the last element of an odd D) broadcast.
+template <class T, int HV, int NR>
+inline __attribute__((always_inline)) void score_step(vf (&acc)[NR][HV], const float* qj, int64_t L,
+                                                      const T* const* k, int64_t d, bool lone) {
+  if constexpr (std::is_same_v<T, float>) {
+    vf x[HV];
+#pragma GCC unroll 4
+    for (int h = 0; h < HV; ++h) x[h] = vload(qj + h * VW);
+#pragma GCC unroll 16
+    for (int i = 0; i < NR; ++i) {
+      const vf key = vset1(k[i][d]);
+#pragma GCC unroll 4
+      for (int h = 0; h < HV; ++h) acc[i][h] = vfma(x[h], key, acc[i][h]);
+    }
+  } else {
+    const auto pair = [&](int i) {  // elements d (low half) and d + 1 of row i, in every 32-bit lane
+      uint32_t bits = k[i][d];
+      if (!lone) std::memcpy(&bits, k[i] + d, sizeof bits);
+      return vb_set1(bits);
+    };
+    if constexpr (PAIR_DOT<T>) {
+#if KRASIS_BF16_DOT
+      vb x[HV];
+#pragma GCC unroll 4
+      for (int h = 0; h < HV; ++h) x[h] = vb_load(reinterpret_cast<const uint16_t*>(qj + h * VW));
+#pragma GCC unroll 16
+      for (int i = 0; i < NR; ++i) {
+        const vb key = pair(i);
+#pragma GCC unroll 4
+        for (int h = 0; h < HV; ++h) acc[i][h] = bf_dot(acc[i][h], x[h], key);
+      }
+#endif
+    } else {
+      vf even[HV], odd[HV];
+#pragma GCC unroll 4
+      for (int h = 0; h < HV; ++h) even[h] = vload(qj + h * VW), odd[h] = vload(qj + L + h * VW);
+#pragma GCC unroll 16
+      for (int i = 0; i < NR; ++i) {
+        const vb key = pair(i);
+        const vf e = bf_even(key), o = bf_odd(key);
+#pragma GCC unroll 4
+        for (int h = 0; h < HV; ++h) acc[i][h] = vfma(odd[h], o, vfma(even[h], e, acc[i][h]));
+      }
+    }
+  }
+}
+
+// s[i * L + c] = round(q_c . k_i) * scale for NR rows k_i and the HV * VW lanes c of q (packed queries from a head
+// vector on, `q_step` cells a key step): scores rounded to T, as a matmul in T rounds them. Not inlined: in a
+// function of its own the tile's row pointers stay in registers (inlined, GCC kept some in mask registers).
+template <class T, int HV, int NR>
+__attribute__((noinline)) void scores_tile(const float* q, int64_t q_step, int64_t L, const T* const* k, int64_t D,
+                                           float* s, float scale) {
+  vf acc[NR][HV];
+#pragma GCC unroll 16
+  for (int i = 0; i < NR; ++i)
+#pragma GCC unroll 4
+    for (int h = 0; h < HV; ++h) acc[i][h] = vset1(0.f);
+  const int64_t steps = D / KEY_STEP<T>;
+  for (int64_t j = 0; j < steps; ++j) score_step<T, HV, NR>(acc, q + j * q_step, L, k, j * KEY_STEP<T>, false);
+  if (D % KEY_STEP<T>) score_step<T, HV, NR>(acc, q + steps * q_step, L, k, D - 1, true);
+  for (int i = 0; i < NR; ++i)
+    for (int h = 0; h < HV; ++h) vstore(s + i * L + h * VW, round_lanes<T>(acc[i][h]) * vset1(scale));
+}
+
+// The scores s [n][L] of a block's n rows k, head vectors HV_MAX at a time, rows in tiles of what the registers hold
+// and the rest in tiles of 8, 4, 2 and 1 (a one-row tile waits on its one sum's latency at every step).
+template <class T>
+void block_scores(const Views& w, const float* q, const T* const* k, int64_t n, float* s, float scale) {
+  const int64_t q_step = QUERY_PARTS<T> * w.L, vectors = w.L / VW;
+  for (int64_t hv = 0; hv < vectors; hv += HV_MAX)
+    dispatch<HV_MAX>(std::min<int64_t>(HV_MAX, vectors - hv), [&]<int HV>() {
+      constexpr int NR = std::min(SCORE_ROWS, std::max(1, SCORE_SUMS / HV));
+      static_assert(NR <= 16, "the rest of a block takes at most one tile of 8, 4, 2 and 1 rows each");
+      int64_t i = 0;
+      const auto tile = [&]<int R>() {
+        scores_tile<T, HV, R>(q + hv * VW, q_step, w.L, k + i, w.D, s + i * w.L + hv * VW, scale);
+        i += R;
+      };
+      while (i + NR <= n) tile.template operator()<NR>();
+      if constexpr (NR > 8) if (i + 8 <= n) tile.template operator()<8>();
+      if constexpr (NR > 4) if (i + 4 <= n) tile.template operator()<4>();
+      if constexpr (NR > 2) if (i + 2 <= n) tile.template operator()<2>();
+      if (i < n) tile.template operator()<1>();
+    });
+}
+
+// A block's scores s [n][L] -> e^(s - m) per lane against the running maxima m [L], rounded to T (as torch rounds
+// the probabilities before the weighted sum); with vdpbf16ps also as bf16 pairs of consecutive rows, `pairs`
+// [ceil(n / 2)][L] (an odd block's last row paired with 0). m and l (sums of the unrounded e^(s - m)) move on to
+// include the block; alpha [L] gets e^(old m - new m), the factor of the sums before it.
+template <class T>
+void block_softmax(float* s, int64_t n, int64_t L, float* m, float* l, float* alpha, uint32_t* pairs) {
+  for (int64_t c = 0; c < L; c += VW) {
+    vf top = vload(m + c);
+    for (int64_t i = 0; i < n; ++i) top = vmax(top, vload(s + i * L + c));
+    const vf factor = vexp_nonpositive(vload(m + c) - top);  // the first block: e^-inf, clamped to e^-87, times 0
+    vf sum = vload(l + c) * factor;
+    for (int64_t i = 0; i < n; ++i) {
+      const vf p = vexp_nonpositive(vload(s + i * L + c) - top);
+      sum = sum + p;
+      vstore(s + i * L + c, round_lanes<T>(p));
+    }
+    vstore(m + c, top), vstore(l + c, sum), vstore(alpha + c, factor);
+    if constexpr (PAIR_DOT<T>)
+      for (int64_t i = 0; i < n; i += 2) {
+        const vu low = (vu)vload(s + i * L + c) >> 16, high = i + 1 < n ? (vu)vload(s + (i + 1) * L + c) : vu{};
+        const vu pair = low | (high & 0xffff0000u);  // (a NaN's low bits kept out of its neighbour)
+        std::memcpy(pairs + i / 2 * L + c, &pair, sizeof pair);
+      }
+  }
+}
+
+// Column t of a block of 2 VW value columns as the value tiles keep them: fp32 in order; bf16 widened, the block's
+// even columns then its odd ones; bf16 pairs of two rows (vdpbf16ps), as vpunpck{l,h}wd interleave them: per
+// 128-bit lane, columns 0-3 of each 8 from the low unpack, 4-7 from the high one.
+template <class T>
+constexpr int64_t packed_column(int64_t t) {
+  const int64_t half = t / VW, k = t % VW;
+  if constexpr (PAIR_DOT<T>) return k / 4 * 8 + half * 4 + k % 4;
+  else if constexpr (std::is_same_v<T, uint16_t>) return 2 * k + half;
+  else return t;
+}
+
+// acc[h][col, col + 2 VW) (packed) += sum_i p_i[h] v_i for NH heads (p: their lanes of the probabilities [n][L], or
+// of the pairs [n / 2][L] with vdpbf16ps, n even then: an odd block's last row comes twice, paired with 0; acc:
+// their rows of [G][Dv]) over the n rows v. Not inlined, as scores_tile.
+template <class T, int NH>
+__attribute__((noinline)) void values_tile(const float* p, const uint32_t* pairs, int64_t L, const T* const* v,
+                                           int64_t n, int64_t col, float* acc, int64_t Dv) {
+  vf a[NH][2];
+#pragma GCC unroll 8
+  for (int h = 0; h < NH; ++h) a[h][0] = vload(acc + h * Dv + col), a[h][1] = vload(acc + h * Dv + col + VW);
+  if constexpr (PAIR_DOT<T>) {
+#if KRASIS_BF16_DOT
+    for (int64_t i = 0; i < n; i += 2) {
+      const vb x = vb_load(v[i] + col), y = vb_load(v[i + 1] + col);
+      const vb low = pairs_low(x, y), high = pairs_high(x, y);
+      const uint32_t* pi = pairs + i / 2 * L;
+#pragma GCC unroll 8
+      for (int h = 0; h < NH; ++h) {
+        const vb weight = vb_set1(pi[h]);
+        a[h][0] = bf_dot(a[h][0], low, weight);
+        a[h][1] = bf_dot(a[h][1], high, weight);
+      }
+    }
+#endif
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      vf x0, x1;
+      if constexpr (std::is_same_v<T, float>) {
+        x0 = vload(v[i] + col), x1 = vload(v[i] + col + VW);
+      } else {
+        const vb x = vb_load(v[i] + col);
+        x0 = bf_even(x), x1 = bf_odd(x);
+      }
+#pragma GCC unroll 8
+      for (int h = 0; h < NH; ++h) {
+        const vf weight = vset1(p[i * L + h]);
+        a[h][0] = vfma(weight, x0, a[h][0]);
+        a[h][1] = vfma(weight, x1, a[h][1]);
+      }
+    }
+  }
+  for (int h = 0; h < NH; ++h) vstore(acc + h * Dv + col, a[h][0]), vstore(acc + h * Dv + col + VW, a[h][1]);
+}
+
+// acc [G][Dv] (packed) += the block's probabilities times its n value rows v (n + 1 pointers: the last repeated):
+// column blocks outer, so a block's columns of the rows stay in L1 from one tile of heads to the next.
+template <class T>
+void block_values(const Views& w, const float* p, const uint32_t* pairs, const T* const* v, int64_t n, float* acc) {
+  const int64_t whole = w.Dv - w.Dv % (2 * VW), tiles = (w.G + NH_MAX - 1) / NH_MAX;
+  const int64_t per_tile = (w.G + tiles - 1) / tiles, rows = PAIR_DOT<T> ? n + n % 2 : n;
+  for (int64_t col = 0; col < whole; col += 2 * VW)
+    for (int64_t g = 0; g < w.G; g += per_tile)
+      dispatch<NH_MAX>(std::min(per_tile, w.G - g), [&]<int NH>() {
+        values_tile<T, NH>(p + g, pairs + g, w.L, v, rows, col, acc + g * w.Dv, w.Dv);
+      });
+  for (int64_t g = 0; g < w.G; ++g)  // the columns past the whole blocks
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t d = whole; d < w.Dv; ++d) acc[g * w.Dv + d] += p[i * w.L + g] * Elem<T>::load(v[i], d);
+}
+
+template <class T>
+struct Scratch {  // one thread's: a block's scores, then probabilities, and their pairs; its row pointers; the state
+  std::vector<float> s, m, l, alpha, acc;
+  std::vector<uint32_t> pairs;
+  std::vector<const T*> keys, values;
+  explicit Scratch(const Views& w)
+      : s(BLOCK * w.L), m(w.L), l(w.L), alpha(w.L), acc(w.G * w.Dv), pairs((BLOCK / 2 + 1) * w.L),
+        keys(BLOCK), values(BLOCK + 1) {}
+};
+
+// One item's unnormalized softmax state: m [G] (max score), l [G] (sum of e^(s - m)), acc [G][Dv] (sum of
+// e^(s - m) v, in column order). q: this KV head's packed queries.
+template <class T>
+void attend_item(const Views& w, const float* q, const T* k, const T* v, const Item& it, float scale, float* m,
+                 float* l, float* acc, Scratch<T>& x) {
+  std::fill(x.m.begin(), x.m.end(), -INFINITY);
+  std::fill(x.l.begin(), x.l.end(), 0.f);
+  std::fill(x.acc.begin(), x.acc.end(), 0.f);
+  for (int64_t r = it.r0; r < it.r1; r += BLOCK) {
+    const int64_t n = std::min(BLOCK, it.r1 - r);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t row = w.slots ? w.slots[r + i] : r + i;
+      x.keys[i] = k + it.h * w.kh + row * w.kn;
+      x.values[i] = v + it.h * w.vh + row * w.vn;
+    }
+    x.values[n] = x.values[n - 1];
+    block_scores<T>(w, q, x.keys.data(), n, x.s.data(), scale);
+    block_softmax<T>(x.s.data(), n, w.L, x.m.data(), x.l.data(), x.alpha.data(), x.pairs.data());
+    for (int64_t g = 0; g < w.G; ++g)
+      if (x.alpha[g] != 1.f)
+#pragma omp simd
+        for (int64_t d = 0; d < w.Dv; ++d) x.acc[g * w.Dv + d] *= x.alpha[g];
+    block_values<T>(w, x.s.data(), x.pairs.data(), x.values.data(), n, x.acc.data());
+  }
+  std::copy(x.m.begin(), x.m.begin() + w.G, m);
+  std::copy(x.l.begin(), x.l.begin() + w.G, l);
+  const int64_t whole = w.Dv - w.Dv % (2 * VW);
+  for (int64_t g = 0; g < w.G; ++g) {
+    const float* from = x.acc.data() + g * w.Dv;
+    float* to = acc + g * w.Dv;
+    for (int64_t col = 0; col < whole; col += 2 * VW)
+      for (int64_t t = 0; t < 2 * VW; ++t) to[col + packed_column<T>(t)] = from[col + t];
+    std::copy(from + whole, from + w.Dv, to + whole);
+  }
+}
+
+// The items of the step: each sequence's visible rows, per KV head, in chunks of one size.
+std::vector<Item> plan_items(at::IntArrayRef starts, at::IntArrayRef ends, int64_t Hkv) {
+  int64_t total = 0;
+  for (size_t b = 0; b < starts.size(); ++b) total += (ends[b] - starts[b]) * Hkv;
+  const int64_t chunk = std::clamp<int64_t>((total + TARGET_ITEMS - 1) / TARGET_ITEMS, MIN_CHUNK, MAX_CHUNK);
+  std::vector<Item> items;
+  for (int64_t b = 0; b < int64_t(starts.size()); ++b)
+    for (int64_t h = 0; h < Hkv; ++h)
+      for (int64_t r = starts[b]; r < ends[b]; r += chunk) items.push_back({b, h, r, std::min(ends[b], r + chunk)});
+  return items;
+}
+
+bool attention_fits(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& slots,
+                    at::IntArrayRef starts, at::IntArrayRef ends) {
+  const auto dtype = q.scalar_type();
+  if (dtype != at::kFloat && dtype != at::kBFloat16) return false;
+  for (const auto* t : {&q, &k, &v})
+    if (t->device().type() != at::kCPU || t->scalar_type() != dtype || t->stride(-1) != 1) return false;
+  if (q.dim() != 3 || k.dim() != 3 || v.dim() != 3) return false;
+  const int64_t B = q.size(0), Hkv = k.size(1), N = k.size(0);
+  if (v.size(0) != N || v.size(1) != Hkv || k.size(2) != q.size(2) || Hkv == 0 || q.size(1) % Hkv != 0)
+    return false;
+  if (int64_t(starts.size()) != B || int64_t(ends.size()) != B) return false;
+  const bool indexed = slots.numel() > 0;
+  if (indexed && (slots.scalar_type() != at::kLong || slots.dim() != 1 || !slots.is_contiguous() ||
+                  slots.device().type() != at::kCPU))
+    return false;
+  const int64_t rows = indexed ? slots.numel() : N;
+  for (int64_t b = 0; b < B; ++b)
+    if (starts[b] < 0 || starts[b] >= ends[b] || ends[b] > rows) return false;
+  if (indexed) {
+    const int64_t* p = slots.data_ptr<int64_t>();
+    for (int64_t i = 0; i < rows; ++i)
+      if (p[i] < 0 || p[i] >= N) return false;
+  }
+  return true;
+}
+
+// Each (sequence, KV head)'s items merged: weights e^(m_i - max m), out = sum w_i acc_i / sum w_i l_i.
+template <class T>
+void merge_items(const std::vector<Item>& items, int64_t B, int64_t Hq, const Views& w, const float* m,
+                 const float* l, const float* acc, T* out) {
+  std::vector<int64_t> first(B * w.Hkv + 1);  // items of (b, h) are [first[b * Hkv + h], first[b * Hkv + h + 1])
+  int64_t group = 0;
+  for (int64_t i = 0; i < int64_t(items.size()); ++i)
+    for (const int64_t own = items[i].b * w.Hkv + items[i].h; group <= own;) first[group++] = i;
+  while (group <= B * w.Hkv) first[group++] = int64_t(items.size());
+  at::parallel_for(0, B * Hq, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> o(w.Dv);
+    for (int64_t bq = begin; bq < end; ++bq) {
+      const int64_t b = bq / Hq, h = (bq % Hq) / w.G, g = bq % w.G;
+      const int64_t i0 = first[b * w.Hkv + h], i1 = first[b * w.Hkv + h + 1];
+      float top = m[i0 * w.G + g], denom = 0.f;
+      for (int64_t i = i0 + 1; i < i1; ++i) top = std::max(top, m[i * w.G + g]);
+      std::fill(o.begin(), o.end(), 0.f);
+      for (int64_t i = i0; i < i1; ++i) {
+        const float weight = exp_nonpositive(m[i * w.G + g] - top);
+        const float* a = acc + (i * w.G + g) * w.Dv;
+        denom += weight * l[i * w.G + g];
+#pragma omp simd
+        for (int64_t d = 0; d < w.Dv; ++d) o[d] += weight * a[d];
+      }
+      for (int64_t d = 0; d < w.Dv; ++d) Elem<T>::store(out, bq * w.Dv + d, o[d] / denom);
+    }
+  });
+}
+
+template <class T>
+void attention_typed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& slots,
+                     at::IntArrayRef starts, at::IntArrayRef ends, float scale, at::Tensor& out) {
+  const int64_t B = q.size(0), Hq = q.size(1), Hkv = k.size(1), G = Hq / Hkv, D = q.size(2);
+  const Views w{G, (G + VW - 1) / VW * VW, D, v.size(2), Hkv, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                slots.numel() ? slots.data_ptr<int64_t>() : nullptr};
+  const at::Tensor qc = q.contiguous();  // [B, Hq, D]
+  const int64_t cells = (D + KEY_STEP<T> - 1) / KEY_STEP<T> * QUERY_PARTS<T> * w.L;  // packed queries of a KV head
+  at::Tensor packed = at::empty({B * Hkv * cells}, q.options().dtype(at::kFloat));
+  const T* qp = static_cast<const T*>(qc.data_ptr());
+  float* pp = packed.data_ptr<float>();
+  at::parallel_for(0, B * Hkv, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, G * D)),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) pack_queries<T>(qp + bh * G * D, G, D, w.L, pp + bh * cells);
+  });
+  const std::vector<Item> items = plan_items(starts, ends, Hkv);
+  const int64_t count = int64_t(items.size());
+  at::Tensor state = at::empty({count * G * (2 + w.Dv)}, packed.options());  // m [count, G], l [count, G], acc
+  float *m = state.data_ptr<float>(), *l = m + count * G, *acc = l + count * G;
+  const T* kp = static_cast<const T*>(k.data_ptr());
+  const T* vp = static_cast<const T*>(v.data_ptr());
+  at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+    Scratch<T> scratch(w);
+    for (int64_t i = begin; i < end; ++i) {
+      const Item& it = items[i];
+      attend_item<T>(w, pp + (it.b * Hkv + it.h) * cells, kp, vp, it, scale, m + i * G, l + i * G,
+                     acc + i * G * w.Dv, scratch);
+    }
+  });
+  merge_items<T>(items, B, Hq, w, m, l, acc, static_cast<T*>(out.data_ptr()));
+}
+
+// q [B, Hq, D]; k [N, Hkv, D] and v [N, Hkv, Dv]: views of a KV cache layer (any strides, the last 1). Sequence b
+// attends rows [starts[b], ends[b]) of the cache, or, given slots (int64 [S]), the cache rows slots[starts[b]:
+// ends[b]] -> [B, Hq, Dv] in q's dtype. Scores are rounded to q's dtype before the scale, as a matmul in that
+// dtype rounds them; softmax and the weighted sum stay in fp32.
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& slots,
+                            at::IntArrayRef starts, at::IntArrayRef ends, double scale) {
+  if (!attention_fits(q, k, v, slots, starts, ends)) return at::Tensor();
+  at::Tensor out = at::empty({q.size(0), q.size(1), v.size(2)}, q.options());
+  if (out.numel() == 0) return out;  // no query heads, or values 0 wide
+  if (q.scalar_type() == at::kFloat) attention_typed<float>(q, k, v, slots, starts, ends, float(scale), out);
+  else attention_typed<uint16_t>(q, k, v, slots, starts, ends, float(scale), out);
+  return out;
+}
+
+// ---- per-head products (MLA's absorbed kv_b_proj) ----------------------------------------------------------------
+// Element layouts of one row as these products step through it: fp32 rows VW elements a step; bf16 rows 2 VW
 // a step, widened to an even and an odd vector. Queries and value sums are kept in the same per-step order
 // (`packed`: a step's even elements, then its odd ones), so neither side is ever shuffled.
 template <class T>
@@ -175,21 +621,6 @@ struct Steps<uint16_t> {
 };
 
 constexpr int ROWS = 4;             // cached rows multiplied together (registers: 2 heads x ROWS sums)
-constexpr int64_t MAX_CHUNK = 512;  // rows of one work item: they stay in L2 from the scores to the values pass
-// Work items a call aims at, whatever the thread count (so the sums, and the bits, do not depend on it): enough
-// for every thread of a many-core socket, each of at least 32 rows.
-constexpr int64_t TARGET_ITEMS = 256;
-
-// One work item: query heads [G] of one KV head over cached rows [r0, r1) of one sequence.
-struct Item {
-  int64_t b, h, r0, r1;
-};
-
-struct Views {  // k [N, Hkv, D], v [N, Hkv, Dv]: element strides; G query heads per KV head; row r of a sequence
-  int64_t G, D, Dv, Hkv;  // is cache row slots[r] (r itself when there are no slots)
-  int64_t kn, kh, vn, vh;
-  const int64_t* slots;
-};
 
 // Query rows as the score loops read them: fp32 packed per step, fp32 as they are (the tail of a row), and with
 // vdpbf16ps the bf16 rows themselves ([G][D]; null otherwise), which it multiplies as stored.
@@ -280,147 +711,6 @@ void row_groups(const T* base, int64_t row_stride, const int64_t* slots, int64_t
   }
 }
 
-// One item's unnormalized softmax state: m [G] (max score), l [G] (sum of e^(s - m)), acc [G][Dv] (sum of
-// e^(s - m) v, unpacked). q: this KV head's query heads [G][D]. scratch: fp32 [G * (MAX_CHUNK + Dv)].
-template <class T>
-void attend_item(const Views& w, const Queries& q, const T* k, const T* v, const Item& it, float scale, float* m,
-                 float* l, float* acc, float* scratch) {
-  const int64_t n = it.r1 - it.r0, G = w.G, Dv = w.Dv;
-  float* s = scratch;                  // [G][n] scores, then e^(s - m)
-  float* packed = s + G * MAX_CHUNK;  // [G][Dv] value sums, packed
-  row_groups(k + it.h * w.kh, w.kn, w.slots, it.r0, it.r1, [&]<int NR>(const T* const* rows, int64_t i) {
-    scores_rows<T, NR>(q, rows, G, w.D, s + i, n, scale);
-  });
-  for (int64_t g = 0; g < G; ++g) {
-    float* sg = s + g * n;
-    float top = sg[0], sum = 0.f;
-    for (int64_t i = 1; i < n; ++i) top = std::max(top, sg[i]);
-#pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < n; ++i) {
-      sg[i] = exp_nonpositive(sg[i] - top);
-      sum += sg[i];
-    }
-    m[g] = top;
-    l[g] = sum;
-  }
-  std::fill(packed, packed + G * Dv, 0.f);
-  row_groups(v + it.h * w.vh, w.vn, w.slots, it.r0, it.r1, [&]<int NR>(const T* const* rows, int64_t i) {
-    values_rows<T, NR>(s + i, n, rows, G, Dv, packed);
-  });
-  for (int64_t g = 0; g < G; ++g) Steps<T>::unpack(packed + g * Dv, acc + g * Dv, Dv);
-}
-
-// The items of the step: each sequence's visible rows, per KV head, in chunks of one size.
-std::vector<Item> plan_items(at::IntArrayRef starts, at::IntArrayRef ends, int64_t Hkv) {
-  int64_t total = 0;
-  for (size_t b = 0; b < starts.size(); ++b) total += (ends[b] - starts[b]) * Hkv;
-  const int64_t chunk = std::clamp<int64_t>((total + TARGET_ITEMS - 1) / TARGET_ITEMS, 32, MAX_CHUNK);
-  std::vector<Item> items;
-  for (int64_t b = 0; b < int64_t(starts.size()); ++b)
-    for (int64_t h = 0; h < Hkv; ++h)
-      for (int64_t r = starts[b]; r < ends[b]; r += chunk) items.push_back({b, h, r, std::min(ends[b], r + chunk)});
-  return items;
-}
-
-bool attention_fits(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& slots,
-                    at::IntArrayRef starts, at::IntArrayRef ends) {
-  const auto dtype = q.scalar_type();
-  if (dtype != at::kFloat && dtype != at::kBFloat16) return false;
-  for (const auto* t : {&q, &k, &v})
-    if (t->device().type() != at::kCPU || t->scalar_type() != dtype || t->stride(-1) != 1) return false;
-  if (q.dim() != 3 || k.dim() != 3 || v.dim() != 3) return false;
-  const int64_t B = q.size(0), Hkv = k.size(1), N = k.size(0);
-  if (v.size(0) != N || v.size(1) != Hkv || k.size(2) != q.size(2) || Hkv == 0 || q.size(1) % Hkv != 0)
-    return false;
-  if (int64_t(starts.size()) != B || int64_t(ends.size()) != B) return false;
-  const bool indexed = slots.numel() > 0;
-  if (indexed && (slots.scalar_type() != at::kLong || slots.dim() != 1 || !slots.is_contiguous() ||
-                  slots.device().type() != at::kCPU))
-    return false;
-  const int64_t rows = indexed ? slots.numel() : N;
-  for (int64_t b = 0; b < B; ++b)
-    if (starts[b] < 0 || starts[b] >= ends[b] || ends[b] > rows) return false;
-  if (indexed) {
-    const int64_t* p = slots.data_ptr<int64_t>();
-    for (int64_t i = 0; i < rows; ++i)
-      if (p[i] < 0 || p[i] >= N) return false;
-  }
-  return true;
-}
-
-// Each (sequence, KV head)'s items merged: weights e^(m_i - max m), out = sum w_i acc_i / sum w_i l_i.
-template <class T>
-void merge_items(const std::vector<Item>& items, int64_t B, int64_t Hq, const Views& w, const float* m,
-                 const float* l, const float* acc, T* out) {
-  std::vector<int64_t> first(B * w.Hkv + 1);  // items of (b, h) are [first[b * Hkv + h], first[b * Hkv + h + 1])
-  int64_t group = 0;
-  for (int64_t i = 0; i < int64_t(items.size()); ++i)
-    for (const int64_t own = items[i].b * w.Hkv + items[i].h; group <= own;) first[group++] = i;
-  while (group <= B * w.Hkv) first[group++] = int64_t(items.size());
-  at::parallel_for(0, B * Hq, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> o(w.Dv);
-    for (int64_t bq = begin; bq < end; ++bq) {
-      const int64_t b = bq / Hq, h = (bq % Hq) / w.G, g = bq % w.G;
-      const int64_t i0 = first[b * w.Hkv + h], i1 = first[b * w.Hkv + h + 1];
-      float top = m[i0 * w.G + g], denom = 0.f;
-      for (int64_t i = i0 + 1; i < i1; ++i) top = std::max(top, m[i * w.G + g]);
-      std::fill(o.begin(), o.end(), 0.f);
-      for (int64_t i = i0; i < i1; ++i) {
-        const float weight = exp_nonpositive(m[i * w.G + g] - top);
-        const float* a = acc + (i * w.G + g) * w.Dv;
-        denom += weight * l[i * w.G + g];
-#pragma omp simd
-        for (int64_t d = 0; d < w.Dv; ++d) o[d] += weight * a[d];
-      }
-      for (int64_t d = 0; d < w.Dv; ++d) Elem<T>::store(out, bq * w.Dv + d, o[d] / denom);
-    }
-  });
-}
-
-template <class T>
-void attention_typed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& slots,
-                     at::IntArrayRef starts, at::IntArrayRef ends, float scale, at::Tensor& out) {
-  const int64_t B = q.size(0), Hq = q.size(1), Hkv = k.size(1);
-  const Views w{Hq / Hkv, q.size(2), v.size(2), Hkv, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                slots.numel() ? slots.data_ptr<int64_t>() : nullptr};
-  const at::Tensor qf = q.to(at::kFloat).contiguous(), qc = q.contiguous();  // [B, Hq, D]: fp32 exact for bf16
-  at::Tensor qpacked = at::empty_like(qf);
-  for (int64_t row = 0; row < B * Hq; ++row)
-    Steps<T>::pack(qf.data_ptr<float>() + row * w.D, qpacked.data_ptr<float>() + row * w.D, w.D);
-  const std::vector<Item> items = plan_items(starts, ends, Hkv);
-  const int64_t count = int64_t(items.size());
-  at::Tensor state = at::empty({count * w.G * (2 + w.Dv)}, qf.options());  // m [count, G], l [count, G], acc
-  float *m = state.data_ptr<float>(), *l = m + count * w.G, *acc = l + count * w.G;
-  const float *qp = qpacked.data_ptr<float>(), *plain = qf.data_ptr<float>();
-  const auto* qb = static_cast<const uint16_t*>(qc.data_ptr());  // read only for bf16 queries
-  const T* kp = static_cast<const T*>(k.data_ptr());
-  const T* vp = static_cast<const T*>(v.data_ptr());
-  at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(w.G * (MAX_CHUNK + w.Dv));
-    for (int64_t i = begin; i < end; ++i) {
-      const Item& it = items[i];
-      const int64_t q0 = (it.b * Hq + it.h * w.G) * w.D;
-      attend_item<T>(w, {qp + q0, plain + q0, qb + q0}, kp, vp, it, scale, m + i * w.G, l + i * w.G,
-                     acc + i * w.G * w.Dv, scratch.data());
-    }
-  });
-  merge_items<T>(items, B, Hq, w, m, l, acc, static_cast<T*>(out.data_ptr()));
-}
-
-// q [B, Hq, D]; k [N, Hkv, D] and v [N, Hkv, Dv]: views of a KV cache layer (any strides, the last 1). Sequence b
-// attends rows [starts[b], ends[b]) of the cache, or, given slots (int64 [S]), the cache rows slots[starts[b]:
-// ends[b]] -> [B, Hq, Dv] in q's dtype. Scores are rounded to q's dtype before the scale, as a matmul in that
-// dtype rounds them; softmax and the weighted sum stay in fp32.
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& slots,
-                            at::IntArrayRef starts, at::IntArrayRef ends, double scale) {
-  if (!attention_fits(q, k, v, slots, starts, ends)) return at::Tensor();
-  at::Tensor out = at::empty({q.size(0), q.size(1), v.size(2)}, q.options());
-  if (q.scalar_type() == at::kFloat) attention_typed<float>(q, k, v, slots, starts, ends, float(scale), out);
-  else attention_typed<uint16_t>(q, k, v, slots, starts, ends, float(scale), out);
-  return out;
-}
-
-// ---- per-head products (MLA's absorbed kv_b_proj) ----------------------------------------------------------------
 constexpr int64_t HEAD_BLOCK = 128;  // weight rows (or columns) of one work item: 16 heads of 512 give 64 items
 
 template <class T>

@@ -37,7 +37,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: 
     """One query per head for each of B sequences: q [B, Hq, D] over k [N, Hkv, D], v [N, Hkv, Dv] (views of a
     cache layer, unit last stride), sequence b attending cache rows [starts[b], ends[b]), or rows
     slots[starts[b]:ends[b]] given int64 `slots` -> [B, Hq, Dv] in q's dtype. Softmax in fp32 over scores
-    rounded to q's dtype, as a matmul in that dtype rounds them. None where the kernel does not take the inputs."""
+    rounded to q's dtype, as a matmul in that dtype rounds them; probabilities rounded to v's dtype before the
+    weighted sum (fp32 sums), as the torch path rounds them. None where the kernel does not take the inputs."""
     kernels = ops()
     if kernels is None:
         return None
