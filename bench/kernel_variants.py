@@ -3,7 +3,10 @@ another git revision's kernels, timed in turns on the V2-Lite MoE layer call and
 bandwidth. Medians over --repeats rounds; each round times every variant once, so drift hits all alike. Each
 variant's results are also compared bit for bit with the first variant's.
 
-    python bench/kernel_variants.py --threads 16 --variant git:0552095 --variant default --variant KRASIS_GU_ROWS=64
+    python bench/kernel_variants.py --threads 16 --variant git:HEAD --variant default --variant KRASIS_MOE_GUIDE=0
+
+The MoE call's work plan (csrc/moe_plan.h) is swept through KRASIS_MOE_ITEMS_PER_THREAD, KRASIS_MOE_GUIDE and
+KRASIS_MOE_PREFETCH_NEXT; the tiles through KRASIS_NR and KRASIS_PREFETCH.
 """
 
 import argparse
@@ -120,13 +123,14 @@ def main() -> None:
     best = max(bandwidth)
     print(f"read bandwidth best {best:.1f} GB/s, median {statistics.median(bandwidth):.1f} ({args.threads} threads); "
           f"GB/s median of {args.repeats} (of best bandwidth) [min-max]")
-    print(f"{'case':<20}" + "".join(f"{v:>28}" for v in variants))
+    width = max(28, *(len(v) + 2 for v in variants))
+    print(f"{'case':<20}" + "".join(f"{v:>{width}}" for v in variants))
     for case in cases:
         cells = []
         for variant in variants:
             r = rates[case, variant]
             cells.append(f"{statistics.median(r):.1f} ({statistics.median(r) / best:.0%}) [{min(r):.0f}-{max(r):.0f}]")
-        print(f"{case:<20}" + "".join(f"{c:>28}" for c in cells), flush=True)
+        print(f"{case:<20}" + "".join(f"{c:>{width}}" for c in cells), flush=True)
     for variant, differing in differences(cases, builds).items():
         print(f"{variant}: " + (f"differs from {variants[0]} in {', '.join(differing)}" if differing
                                 else f"same bits as {variants[0]}"))  # fmt: skip

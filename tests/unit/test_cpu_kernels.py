@@ -153,6 +153,33 @@ def test_quant_experts_gives_the_same_bits_on_any_thread_count():
     assert all(torch.equal(results[0], r) for r in results[1:])
 
 
+@pytest.mark.slow
+def test_quant_experts_work_plans_give_the_same_bits():
+    """The default plan at 1, 3 and 8 threads (items of several sizes, spanning experts), items of 32 rows, and
+    threads claiming their next item early (to prefetch it) change who computes what, never a value: each pair's
+    down rows and each token's sum over its pairs keep their order."""
+    num_experts, hidden, inter, tokens, top_k = 16, 256, 160, 5, 4
+    gate_up = make_weight("q4", (num_experts, 2 * inter, hidden), seed=21)
+    down = make_weight("q4", (num_experts, hidden, inter), seed=22)
+    g = torch.Generator().manual_seed(23)
+    topk_ids = torch.stack([torch.randperm(num_experts, generator=g)[:top_k] for _ in range(tokens)])
+    q4 = cpu_kernels.FORMAT_CODES["q4"]
+    args = (torch.randn(tokens, hidden, generator=g).to(torch.bfloat16), gate_up.qweight, gate_up.scales, q4, 32,
+            down.qweight, down.scales, q4, 32, topk_ids, torch.rand(tokens, top_k, generator=g))  # fmt: skip
+    small_items = cpu_kernels.build_extension(
+        defines=("KRASIS_MOE_GUIDE=0", "KRASIS_MOE_ITEMS_PER_THREAD=1000", "KRASIS_MOE_PREFETCH_NEXT=4096")
+    )
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 3, 8):
+            torch.set_num_threads(count)
+            results += [cpu_kernels._ops().experts(*args)[0], small_items.experts(*args)[0]]
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(results[0], r) for r in results[1:])
+
+
 def test_quant_experts_over_many_random_tokens():
     num_experts, hidden, inter, tokens, top_k = 16, 128, 96, 16, 4
     gate_up = make_weight("q4", (num_experts, 2 * inter, hidden), seed=5)

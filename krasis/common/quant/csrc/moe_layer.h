@@ -1,57 +1,23 @@
 // The routed experts of one layer in one parallel region. At decode a layer's selected experts are a
 // few MB: two parallel regions (gate/up, then down) with a serial step between cost a visible share of
 // the call. Here every thread takes work items off one counter, in this order:
-//   x items     one token row of x, converted or quantized for the gate/up format;
-//   gate/up     gu_rows rows of one hit expert's intermediate, for all its (token, slot) pairs:
-//               act = silu(gate) * up, then (q4 down) those 32-value chunks quantized to int8;
-//   down        dn_cols output columns, through every hit expert's down rows, summed in fp32.
-// Both phases are cut in about CHUNKS_PER_THREAD items a thread: long weight streams, a short tail.
-// Items wait only on items handed out before them (gate/up on the x rows, down on its expert's
-// gate/up items), which never wait on later ones, so the region cannot deadlock whatever the thread
-// count; experts' gate/up items are handed out in the order the down items read them.
+//   x items     a few 32-value chunks of x, converted or quantized for the gate/up format;
+//   gate/up     a range of the hit experts' intermediate rows, one flat range over the experts in turn,
+//               for all their (token, slot) pairs: act = silu(gate) * up, then (q4 down) those 32-value
+//               chunks quantized to int8;
+//   down        a range of the hit experts' down rows (one flat range again): each pair's unweighted
+//               output columns, into its own row of y, so that an item reads one contiguous weight range;
+//   sums        output columns: each token's weighted sum over its pairs, experts ascending, in fp32.
+// Items are cut by the bytes they read (moe_plan.h): long ones first, shorter ones towards the end, so
+// that threads stream long contiguous ranges and still finish together.
+// Items wait only on items handed out before them (gate/up on the x chunks, down on its expert's
+// gate/up rows, sums on all down rows), which never wait on later ones, so the region cannot deadlock
+// whatever the thread count; an expert's down rows come a whole gate/up phase after its gate/up rows.
 #pragma once
 
 #include <thread>
 
-
-// (token, slot) pairs grouped by expert, experts ascending, tokens ascending within one.
-struct Routing {
-  std::vector<int64_t> experts;  // the experts hit, ascending
-  std::vector<int64_t> start;    // experts[i]'s pairs are [start[i], start[i + 1])
-  std::vector<int64_t> token;    // per pair
-  std::vector<float> weight;     // per pair
-  std::vector<int64_t> count;
-  int64_t unknown = -1;  // index into topk_ids of an expert id out of range, or -1
-
-  void group(const int64_t* id, const float* wt, int64_t pairs, int64_t k, int64_t num_experts) {
-    experts.clear();
-    start.clear();
-    count.assign(num_experts + 1, 0);
-    unknown = -1;
-    for (int64_t p = 0; p < pairs; ++p) {
-      if (id[p] < 0 || id[p] >= num_experts) {
-        unknown = p;
-        return;
-      }
-      ++count[id[p] + 1];
-    }
-    for (int64_t e = 0; e < num_experts; ++e) {
-      if (count[e + 1] > 0) {
-        experts.push_back(e);
-        start.push_back(count[e]);
-      }
-      count[e + 1] += count[e];
-    }
-    start.push_back(pairs);
-    token.resize(pairs);
-    weight.resize(pairs);
-    for (int64_t p = 0; p < pairs; ++p) {
-      const int64_t slot = count[id[p]]++;
-      token[slot] = p / k;
-      weight[slot] = wt[p];
-    }
-  }
-};
+#include "moe_plan.h"
 
 // What one call needs, reused by the next call on the same thread: a decode step allocates nothing.
 struct MoeScratch {
@@ -60,7 +26,9 @@ struct MoeScratch {
   Int8Buffer x_int8;           // [T] rows, for a q4 gate/up
   std::vector<float> act;      // [pairs, I]
   Int8Buffer act_int8;         // [pairs] rows, for a q4 down
+  std::vector<float> y;        // [pairs, H] each pair's down output, unweighted
   std::vector<float> out_f32;  // [T, H] sums, for a bf16 x
+  std::vector<WorkItem> items;
   std::vector<const float*> gu_f, dn_f;
   std::vector<QRow> gu_q, dn_q;
 };
@@ -95,25 +63,17 @@ struct MoeCall {
   float* out_f32;    // [T, H_out] fp32 sums
   uint16_t* out_bf16;  // [T, H_out] bf16 result, or null when out_f32 is the result
   MoeScratch& s;
-  int64_t gu_rows = CHUNK, dn_cols = NR;  // item sizes: gu_rows a multiple of CHUNK (items quantize whole chunks)
-  std::atomic<int64_t> x_done{0};
-  std::unique_ptr<std::atomic<int64_t>[]> gu_done{};  // per hit expert, its gate/up items finished
+  std::atomic<int64_t> x_done{0}, dn_done{0};  // chunks of x ready; down rows finished, all experts
+  std::unique_ptr<std::atomic<int64_t>[]> gu_done{};  // per hit expert, its intermediate rows finished
 
   int64_t hit() const { return static_cast<int64_t>(s.routing.experts.size()); }
-  int64_t gu_blocks() const { return (inter + gu_rows - 1) / gu_rows; }
-  int64_t x_items() const { return gu_fmt == Q4 || x_bf16 ? tokens : 0; }
-  int64_t dn_items() const { return (hidden_out + dn_cols - 1) / dn_cols; }
+  // 32-value chunks of x to convert or quantize before gate/up reads them.
+  int64_t x_chunks() const { return gu_fmt == Q4 || x_bf16 ? tokens * hidden_in / CHUNK : 0; }
 
-  void size_items(int64_t threads) {
-    const int64_t items = threads * CHUNKS_PER_THREAD;
-    gu_rows = std::clamp<int64_t>(inter * hit() / items / CHUNK * CHUNK, CHUNK, (inter + CHUNK - 1) / CHUNK * CHUNK);
-    dn_cols = std::clamp<int64_t>(hidden_out / items / NR * NR, NR, (hidden_out + NR - 1) / NR * NR);
-  }
-
-  // Token row t of x, as the gate/up format reads it.
-  void prepare_x(int64_t t) {
+  // Chunks [c0, c1) of token row t of x, as the gate/up format reads them.
+  void prepare_x(int64_t t, int64_t c0, int64_t c1) {
     float widened[CHUNK];
-    for (int64_t c = 0; c < hidden_in / CHUNK; ++c) {
+    for (int64_t c = c0; c < c1; ++c) {
       const float* xc = static_cast<const float*>(x) + t * hidden_in + c * CHUNK;
       if (x_bf16) {
         const auto* xb = static_cast<const uint16_t*>(x) + t * hidden_in + c * CHUNK;
@@ -125,11 +85,11 @@ struct MoeCall {
     }
   }
 
-  // Rows [n0, n0 + gu_rows) of hit expert h's intermediate, for all its pairs.
-  void gate_up(int64_t h, int64_t n0) {
+  // Rows [n0, n1) of hit expert h's intermediate, for all its pairs.
+  void gate_up(int64_t h, int64_t n0, int64_t n1) {
     const Routing& r = s.routing;
     const QMatrix gu = matrix_view(gu_q, gu_s, gu_group, hidden_in, r.experts[h]);
-    const int64_t p0 = r.start[h], pairs = r.start[h + 1] - p0, n1 = std::min(inter, n0 + gu_rows);
+    const int64_t p0 = r.start[h], pairs = r.start[h + 1] - p0;
     const XRows xs = XRows{s.gu_f.empty() ? nullptr : s.gu_f.data(), s.gu_q.empty() ? nullptr : s.gu_q.data()}.from(p0);
     float gate[MR][NR], up[MR][NR];
     float* gs[MR] = {gate[0], gate[1], gate[2], gate[3]};
@@ -150,31 +110,72 @@ struct MoeCall {
           s.act_int8.quantize_chunk(p, c, s.act.data() + p * inter + c * CHUNK);
   }
 
-  // Output columns [c0, c1) of every token: the weighted sum over its pairs, experts ascending.
-  void down(int64_t c0, int64_t c1) {
+  // Rows [n0, n1) of hit expert h's down, for all its pairs: y[pair][n0:n1], unweighted.
+  void down(int64_t h, int64_t n0, int64_t n1) {
     const Routing& r = s.routing;
-    for (int64_t t = 0; t < tokens; ++t) std::fill(out_f32 + t * hidden_out + c0, out_f32 + t * hidden_out + c1, 0.0f);
+    const QMatrix dn = matrix_view(dn_q, dn_s, dn_group, inter, r.experts[h]);
     const XRows as{s.dn_f.empty() ? nullptr : s.dn_f.data(), s.dn_q.empty() ? nullptr : s.dn_q.data()};
-    float y[MR][NR];
-    float* ys[MR] = {y[0], y[1], y[2], y[3]};
-    for (int64_t h = 0; h < hit(); ++h) {
-      wait_for(gu_done[h], gu_blocks());
-      const QMatrix dn = matrix_view(dn_q, dn_s, dn_group, inter, r.experts[h]);
-      const int64_t p0 = r.start[h], p1 = r.start[h + 1];
-      for (int64_t n0 = c0; n0 < c1; n0 += NR) {
-        const int64_t rows = std::min<int64_t>(NR, c1 - n0);
-        for (int64_t p = p0; p < p1; p += MR) {
-          const int64_t mr = std::min<int64_t>(MR, p1 - p);
-          gemv_tile_fmt(dn_fmt, dn, n0, rows, as.from(p), ys, mr);
-          for (int64_t i = 0; i < mr; ++i)
-            for (int64_t q = 0; q < rows; ++q)
-              out_f32[r.token[p + i] * hidden_out + n0 + q] += r.weight[p + i] * y[i][q];
-        }
+    const int64_t p0 = r.start[h], p1 = r.start[h + 1];
+    float* ys[MR];
+    for (int64_t t0 = n0; t0 < n1; t0 += NR) {
+      const int64_t rows = std::min<int64_t>(NR, n1 - t0);
+      for (int64_t p = p0; p < p1; p += MR) {
+        const int64_t mr = std::min<int64_t>(MR, p1 - p);
+        for (int64_t i = 0; i < mr; ++i) ys[i] = s.y.data() + (p + i) * hidden_out + t0;
+        gemv_tile_fmt(dn_fmt, dn, t0, rows, as.from(p), ys, mr);
       }
     }
-    if (out_bf16)
-      for (int64_t t = 0; t < tokens; ++t)
-        for (int64_t c = c0; c < c1; ++c) out_bf16[t * hidden_out + c] = float_to_bf16(out_f32[t * hidden_out + c]);
+  }
+
+  // Output columns [c0, c1) of every token: the weighted sum over its pairs, experts ascending.
+  void sums(int64_t c0, int64_t c1) {
+    const Routing& r = s.routing;
+    for (int64_t t = 0; t < tokens; ++t) {
+      float* out = out_f32 + t * hidden_out;
+      std::fill(out + c0, out + c1, 0.0f);
+      for (int64_t j = r.token_start[t]; j < r.token_start[t + 1]; ++j) {
+        const int64_t p = r.token_pair[j];
+        const float weight = r.weight[p], *y = s.y.data() + p * hidden_out;
+        for (int64_t c = c0; c < c1; ++c) out[c] += weight * y[c];
+      }
+      if (out_bf16)
+        for (int64_t c = c0; c < c1; ++c) out_bf16[t * hidden_out + c] = float_to_bf16(out[c]);
+    }
+  }
+
+  // fn(h, n0, n1) for each part [n0, n1) of a flat range [begin, end) over blocks of `rows` rows (experts, tokens).
+  template <class F>
+  static void by_block(int64_t begin, int64_t end, int64_t rows, const F& fn) {
+    for (int64_t b = begin; b < end;) {
+      const int64_t h = b / rows, n0 = b % rows, n1 = std::min(rows, n0 + end - b);
+      fn(h, n0, n1);
+      b += n1 - n0;
+    }
+  }
+
+  void run_item(const WorkItem& item) {
+    switch (item.kind) {
+      case ItemKind::x_chunks:
+        by_block(item.begin, item.end, hidden_in / CHUNK,
+                 [&](int64_t t, int64_t c0, int64_t c1) { prepare_x(t, c0, c1); });
+        x_done.fetch_add(item.end - item.begin, std::memory_order_release);
+        return;
+      case ItemKind::gate_up:
+        wait_for(x_done, x_chunks());
+        return by_block(item.begin, item.end, inter, [&](int64_t h, int64_t n0, int64_t n1) {
+          gate_up(h, n0, n1);
+          gu_done[h].fetch_add(n1 - n0, std::memory_order_release);
+        });
+      case ItemKind::down:
+        return by_block(item.begin, item.end, hidden_out, [&](int64_t h, int64_t n0, int64_t n1) {
+          wait_for(gu_done[h], inter);
+          down(h, n0, n1);
+          dn_done.fetch_add(n1 - n0, std::memory_order_release);
+        });
+      case ItemKind::sums:
+        wait_for(dn_done, hit() * hidden_out);
+        return sums(item.begin, item.end);
+    }
   }
 
   // Buffers sized and row pointers set for this call's routing (serial, no quantization yet).
@@ -186,6 +187,7 @@ struct MoeCall {
     else if (x_bf16) grow(s.x_f32, tokens * hidden_in);
     grow(s.act, pairs * inter);
     if (dn_fmt == Q4) s.act_int8.resize(pairs, inter);
+    grow(s.y, pairs * hidden_out);
     const float* xf = x_bf16 ? s.x_f32.data() : static_cast<const float*>(x);
     for (int64_t p = 0; p < pairs; ++p) {
       if (gu_fmt == Q4) s.gu_q.push_back(s.x_int8.row(r.token[p]));
@@ -197,26 +199,42 @@ struct MoeCall {
     for (int64_t h = 0; h < hit(); ++h) gu_done[h].store(0, std::memory_order_relaxed);
   }
 
+  // The first `bytes` of each weight row stream an item starts on, and their scales: the hardware
+  // prefetchers pick a new stream up only after its first misses.
+  void prefetch_start(const WorkItem& item, int64_t bytes) const {
+    const bool gate_up = item.kind == ItemKind::gate_up;
+    if (!gate_up && item.kind != ItemKind::down) return;
+    const int64_t rows = gate_up ? inter : hidden_out, expert = s.routing.experts[item.begin / rows];
+    const QMatrix w = gate_up ? matrix_view(gu_q, gu_s, gu_group, hidden_in, expert)
+                              : matrix_view(dn_q, dn_s, dn_group, inter, expert);
+    for (int64_t row : {item.begin % rows, gate_up ? inter + item.begin % rows : int64_t{-1}}) {
+      if (row < 0) continue;
+      for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(w.q + row * w.q_row + b);
+      __builtin_prefetch(w.s + row * w.s_row);
+    }
+  }
+
   void run() {
     const int64_t threads = at::get_num_threads();
-    size_items(threads);
+    const int64_t gu_row_bytes = 2 * (gu_q.size(-1) + 2 * gu_s.size(-1));  // a gate row and its up row
+    const int64_t dn_row_bytes = dn_q.size(-1) + 2 * dn_s.size(-1);
+    plan_items({x_chunks(), hit() * inter, gu_row_bytes, hit() * hidden_out, dn_row_bytes, hidden_out}, threads, NR,
+               s.items);
     prepare_rows();
-    const int64_t xi = x_items(), gi = hit() * gu_blocks(), total = xi + gi + dn_items();
+    const int64_t total = static_cast<int64_t>(s.items.size());
     std::atomic<int64_t> next{0};
     at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-      for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < total;) {
-        if (i < xi) {
-          prepare_x(i);
-          x_done.fetch_add(1, std::memory_order_release);
-        } else if (i < xi + gi) {
-          wait_for(x_done, xi);
-          const int64_t h = (i - xi) / gu_blocks();
-          gate_up(h, (i - xi) % gu_blocks() * gu_rows);
-          gu_done[h].fetch_add(1, std::memory_order_release);
-        } else {
-          const int64_t c0 = (i - xi - gi) * dn_cols;
-          down(c0, std::min(hidden_out, c0 + dn_cols));
-        }
+      if (KRASIS_MOE_PREFETCH_NEXT == 0) {
+        for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < total;) run_item(s.items[i]);
+        return;
+      }
+      // A thread claims its next item as it starts one, to prefetch that one's first rows. Still no deadlock:
+      // an item claimed ahead has a lower one running on its thread, so the lowest unfinished item is running.
+      for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < total;) {
+        const int64_t following = next.fetch_add(1, std::memory_order_relaxed);
+        if (following < total) prefetch_start(s.items[following], KRASIS_MOE_PREFETCH_NEXT);
+        run_item(s.items[i]);
+        i = following;
       }
     });
   }
@@ -260,7 +278,7 @@ std::tuple<at::Tensor, int64_t> experts(const at::Tensor& x_in, const at::Tensor
   const at::Tensor wts =
       topk_weights.scalar_type() == at::kFloat ? topk_weights.contiguous() : topk_weights.to(at::kFloat).contiguous();
   MoeScratch& s = moe_scratch;
-  s.routing.group(ids.data_ptr<int64_t>(), wts.data_ptr<float>(), ids.numel(), ids.size(1), num_experts);
+  s.routing.group(ids.data_ptr<int64_t>(), wts.data_ptr<float>(), tokens, ids.size(1), num_experts);
   if (s.routing.unknown >= 0) return {at::empty({0}, x.options()), s.routing.unknown};
   const bool x_bf16 = x.scalar_type() == at::kBFloat16;
   at::Tensor out = at::empty({tokens, hidden_out}, x.options());
@@ -271,6 +289,7 @@ std::tuple<at::Tensor, int64_t> experts(const at::Tensor& x_in, const at::Tensor
                x_bf16 ? s.out_f32.data() : out.data_ptr<float>(),
                x_bf16 ? static_cast<uint16_t*>(out.data_ptr()) : nullptr, s};
   call.run();
-  if (std::max(s.act.size(), s.out_f32.size()) > static_cast<size_t>(SCRATCH_KEEP_VALUES)) moe_scratch = MoeScratch();
+  if (std::max({s.act.size(), s.y.size(), s.out_f32.size()}) > static_cast<size_t>(SCRATCH_KEEP_VALUES))
+    moe_scratch = MoeScratch();
   return {out, EXPERTS_OK};
 }
