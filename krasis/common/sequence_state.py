@@ -102,7 +102,9 @@ def sample_ready(model, hidden: torch.Tensor, batch: ForwardBatch, plan: Plan) -
     ready = [i for i, (seq, _) in enumerate(plan) if seq.num_uncached == 0]
     if not ready:
         return [], SampleResult([], [])
-    logits = model.compute_logits(hidden[batch.last_token_indices[ready]])  # [R, V]
+    # every sequence ready with one token (a decode step): the rows are all of hidden, in order, and need no gather
+    last_hidden = hidden if len(ready) == hidden.shape[0] else hidden[batch.last_token_indices[ready]]
+    logits = model.compute_logits(last_hidden)  # [R, V]
     seqs = [plan[i][0] for i in ready]
     return seqs, sample(logits, [s.sampler for s in seqs])
 

@@ -44,3 +44,25 @@ def test_bf16_errs_no_more_than_transformers_bf16(model_dir, reference, variant)
     reference_err = median_token_error(reference_logits(reference.to(torch.bfloat16), tokens), exact)
     ours_err = median_token_error(teacher_forced_logits(load_model(model_dir, dtype=torch.bfloat16), tokens), exact)
     assert ours_err <= 2 * reference_err + 2e-3, f"{variant}: bf16 error {ours_err:.2e} vs {reference_err:.2e}"
+
+
+def test_bf16_layers_leaving_the_residual_add_to_the_next_norm_equal_whole_layers(model_dir, variant, monkeypatch):
+    """CausalLM.forward adds each layer's MLP output inside the next norm (one fused kernel call on the CPU in bf16):
+    the same bits as running every layer whole, in prefill and in decode."""
+    from krasis.common.model_loader import load_model
+
+    def whole_layers(model, input_ids, batch):
+        x = model.model.embed_tokens(input_ids)
+        for layer in model.model.layers:
+            x = layer(x, batch)
+        return model.model.norm(x)
+
+    def logits(model, tokens):
+        seq = SingleSequence(model, len(tokens))
+        return torch.cat([seq.feed(tokens[:9])] + [seq.feed([t]) for t in tokens[9:]])
+
+    model = load_model(model_dir, dtype=torch.bfloat16)
+    tokens = prompt(16, model.config.vocab_size, seed=5)
+    carried = logits(model, tokens)
+    monkeypatch.setattr(type(model), "forward", whole_layers)
+    assert torch.equal(carried, logits(model, tokens)), variant

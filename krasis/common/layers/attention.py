@@ -185,8 +185,8 @@ def attend_single_queries(
     sequence at a time, each reading its KV in place (a view of the cache where its pages are consecutive).
     """
     cache, seqs = batch.kv.layers[layer_idx], batch.single_queries[1]
-    longest = max(seq.context_len for seq in seqs)
-    if cache.device.type == "cpu" and longest <= DECODE_KERNEL_CONTEXT:  # one kernel call, KV read in place
+    longest = batch.per_step("longest_single_query", lambda: max(seq.context_len for seq in seqs))
+    if cache.is_cpu and longest <= DECODE_KERNEL_CONTEXT:  # one kernel call, KV read in place
         starts, ends, slots = batch.per_step(("decode_rows", sliding_window), lambda: decode_rows(seqs, sliding_window))
         out = decode_ops.decode_attention(q, *split_kv(cache), starts, ends, scale, slots)
         if out is not None:

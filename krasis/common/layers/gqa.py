@@ -56,7 +56,7 @@ class GQAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         # queries and keys in one rotation: [T, heads + kv_heads, head_dim]
         qk = apply_rotary_half(torch.cat((q, k), dim=1), self.rotary.half_tables(batch, q.dtype))
-        q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+        q, k = qk.split_with_sizes([self.num_heads, self.num_kv_heads], 1)
         batch.kv.write(self.layer_idx, batch.write_slots, torch.cat((k, v), dim=-1).view(tokens, -1))
         out = self._attend(q, batch).view(tokens, -1)
         if gate is not None:
@@ -81,7 +81,7 @@ class GQAttention(nn.Module):
     def _split_kv(self, cached: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached rows [..., 2 * kv_heads * head_dim] -> keys, values [..., kv_heads, head_dim] (views)."""
         kv = cached.unflatten(-1, (self.num_kv_heads, 2 * self.head_dim))
-        return kv[..., : self.head_dim], kv[..., self.head_dim :]
+        return kv.split_with_sizes([self.head_dim, self.head_dim], -1)
 
     def _queries(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> queries [T, heads, head_dim], output gate [T, heads * head_dim] or None."""

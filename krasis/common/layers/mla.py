@@ -35,7 +35,7 @@ class MLAttention(nn.Module):
         self.layer_idx, self.rotary, self.scale = layer_idx, rotary, softmax_scale
         self.num_heads = cfg.num_attention_heads
         self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
-        self.kv_lora_rank = cfg.kv_lora_rank
+        self.kv_lora_rank, self.q_lora_rank = cfg.kv_lora_rank, cfg.q_lora_rank
         qk_head_dim = self.nope_dim + self.rope_dim
         hidden, bias = cfg.hidden_size, cfg.attention_bias
         if cfg.q_lora_rank is None:
@@ -55,20 +55,21 @@ class MLAttention(nn.Module):
         return self.kv_lora_rank + self.rope_dim
 
     def _queries(self, x: torch.Tensor) -> torch.Tensor:
-        if hasattr(self, "q_proj"):
+        if self.q_lora_rank is None:
             return self.q_proj(x)
         return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         # x: [T, H]
         tokens, heads = x.shape[0], self.num_heads
-        q_nope, q_pe = self._queries(x).view(tokens, heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
-        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        # Tensor methods, not indexing or Tensor.split: each of those costs a few microseconds more a call
+        q_nope, q_pe = self._queries(x).view(tokens, heads, -1).split_with_sizes([self.nope_dim, self.rope_dim], -1)
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split_with_sizes([self.kv_lora_rank, self.rope_dim], -1)
         latent = self.kv_a_layernorm(latent)
         # the queries' and the shared key's rope parts in one rotation: [T, heads + 1, rope]
-        rope_parts = torch.cat((q_pe, k_pe[:, None, :]), dim=1)
+        rope_parts = torch.cat((q_pe, k_pe.unsqueeze(1)), dim=1)
         roped = apply_rotary_interleaved(rope_parts, self.rotary.interleaved_tables(batch))
-        q_pe, k_pe = roped[:, :heads], roped[:, heads]
+        q_pe, k_pe = roped.narrow(1, 0, heads), roped.select(1, heads)
         batch.kv.write(self.layer_idx, batch.write_slots, torch.cat((latent, k_pe), dim=-1))
         return self.o_proj(self._attend(q_nope, q_pe, batch).reshape(tokens, -1))
 
@@ -76,13 +77,15 @@ class MLAttention(nn.Module):
         """Roped queries q_nope [T, heads, nope], q_pe [T, heads, rope] over each sequence's cache -> [T, heads, v]."""
         single_rows, singles = batch.single_queries
         if len(singles) == len(batch.seqs):  # a decode step: every sequence absorbs, all at once
-            return self._unabsorb(self._attend_latent(self._absorbed_queries(q_nope, q_pe), batch))
+            w_uk, w_uv = self._absorb_weights(q_nope.dtype)
+            return self._unabsorb(self._attend_latent(self._absorbed_queries(q_nope, q_pe, w_uk), batch), w_uv)
         q = torch.cat((q_nope, q_pe), dim=-1)
         absorbs = [seq.query_len == 1 or self._absorbs(seq.query_len, seq.context_len) for seq in batch.seqs]
         out = q.new_zeros(q.shape[0], self.num_heads, self.v_dim)  # expanded sequences' outputs
         if any(absorbs):  # absorbed sequences' outputs, before W_UV
             out_latent = q.new_zeros(q.shape[0], self.num_heads, self.kv_lora_rank)
-            q_absorbed = self._absorbed_queries(q_nope, q_pe)
+            w_uk, w_uv = self._absorb_weights(q.dtype)
+            q_absorbed = self._absorbed_queries(q_nope, q_pe, w_uk)
         if singles:
             out_latent[single_rows] = self._attend_latent(q_absorbed[single_rows], batch)
         for (rows, seq), absorb in zip(per_sequence(batch), absorbs):
@@ -95,7 +98,7 @@ class MLAttention(nn.Module):
             else:
                 out[rows] = self._attend_expanded(q[rows], cached, seq)
         if any(absorbs):
-            out += self._unabsorb(out_latent)  # expanded sequences' rows add exact zeros
+            out += self._unabsorb(out_latent, w_uv)  # expanded sequences' rows add exact zeros
         return out
 
     def _attend_expanded(self, q: torch.Tensor, cached: torch.Tensor, seq) -> torch.Tensor:
@@ -106,9 +109,9 @@ class MLAttention(nn.Module):
             return attend_chunk_blockwise(q, expand, seq.context_len - seq.query_len, self.scale)
         return attend_sequence(q, *self._expand(cached), self.scale, seq, None)
 
-    def _absorbed_queries(self, q_nope: torch.Tensor, q_pe: torch.Tensor) -> torch.Tensor:
+    def _absorbed_queries(self, q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk: torch.Tensor) -> torch.Tensor:
         """[T, heads, kv_lora + rope]: the queries as they meet the cached rows in the latent space."""
-        return torch.cat((self._absorb_queries(q_nope), q_pe), dim=-1)
+        return torch.cat((self._absorb_queries(q_nope, w_uk), q_pe), dim=-1)
 
     def _attend_latent(self, q_absorbed: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """The step's one-query sequences (batch.single_queries), absorbed queries [B, heads, kv_lora + rope], in the
@@ -118,7 +121,8 @@ class MLAttention(nn.Module):
     def _latent_kv(self, cached: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached rows [..., kv_lora + rope] -> one shared KV head: keys the rows as they are, values their latent
         part, [..., 1, kv_lora + rope] and [..., 1, kv_lora] (views)."""
-        return cached[..., None, :], cached[..., None, : self.kv_lora_rank]
+        keys = cached.unsqueeze(-2)
+        return keys, keys.narrow(-1, 0, self.kv_lora_rank)
 
     def _expand(self, cached: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached [L, kv_lora + rope] -> keys [L, heads, nope + rope], values [L, heads, v]."""
@@ -136,19 +140,21 @@ class MLAttention(nn.Module):
         expanded = context_len * heads * (kv_b_width * rank + query_len * (kv_b_width + self.rope_dim))
         return absorbed < expanded
 
-    def _absorb_queries(self, q_nope: torch.Tensor) -> torch.Tensor:
+    def _absorb_queries(self, q_nope: torch.Tensor, w_uk: torch.Tensor) -> torch.Tensor:
         """q_nope [T, heads, nope] -> [T, heads, kv_lora]: q_nope . (W_UK latent) == (q_nope W_UK) . latent."""
-        w_uk = self._kv_b_weight(q_nope.dtype)[:, : self.nope_dim]  # [heads, nope, kv_lora]
-        if q_nope.device.type == "cpu" and (absorbed := decode_ops.heads_matmul(q_nope, w_uk, False)) is not None:
+        if q_nope.is_cpu and (absorbed := decode_ops.heads_matmul(q_nope, w_uk, False)) is not None:
             return absorbed  # one call over the weight (torch.bmm runs a matmul per head)
         return torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)
 
-    def _unabsorb(self, out_latent: torch.Tensor) -> torch.Tensor:
+    def _unabsorb(self, out_latent: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor:
         """Attention-weighted latents [T, heads, kv_lora] -> values [T, heads, v] through W_UV."""
-        w_uv = self._kv_b_weight(out_latent.dtype)[:, self.nope_dim :]  # [heads, v, kv_lora]
-        if out_latent.device.type == "cpu" and (values := decode_ops.heads_matmul(out_latent, w_uv, True)) is not None:
+        if out_latent.is_cpu and (values := decode_ops.heads_matmul(out_latent, w_uv, True)) is not None:
             return values
         return torch.bmm(out_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
+
+    def _absorb_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_UK [heads, nope, kv_lora], W_UV [heads, v, kv_lora]): kv_b_proj's key and value rows (views)."""
+        return self._kv_b_weight(dtype).split_with_sizes([self.nope_dim, self.v_dim], 1)
 
     def _kv_b_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """kv_b_proj's weight as [heads, nope + v, kv_lora]. A quantized one is dequantized once and kept in `dtype`

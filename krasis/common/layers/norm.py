@@ -15,7 +15,7 @@ from krasis.common.kernels.cpu import decode_ops
 
 
 def _cpu_bf16(x: torch.Tensor) -> bool:
-    return x.dtype == torch.bfloat16 and x.device.type == "cpu"
+    return x.is_cpu and x.dtype == torch.bfloat16
 
 
 class RMSNorm(nn.Module):

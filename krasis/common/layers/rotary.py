@@ -104,7 +104,7 @@ def apply_rotary_interleaved(x: torch.Tensor, tables: tuple[torch.Tensor, torch.
     sign lives in the table and each output adds the same two rounded products. On the CPU one kernel call does the
     same arithmetic (each product rounded, no FMA) instead of eight ops."""
     cos, signed_sin = tables
-    if x.device.type == "cpu" and (y := decode_ops.rotary_interleaved(x, cos, signed_sin)) is not None:
+    if x.is_cpu and (y := decode_ops.rotary_interleaved(x, cos, signed_sin)) is not None:
         return y
     x32 = x.float()
     swapped = x32.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (odd, even) per pair

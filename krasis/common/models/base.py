@@ -27,8 +27,22 @@ class PreNormDecoderLayer(nn.Module):
         return getattr(self, self.mixer_name)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        x, h = self.post_attention_layernorm.add_and_norm(x, self.token_mixer(self.input_layernorm(x), batch))
-        return x + self.mlp(h)
+        x, mlp_out = self.forward_unsummed(x, None, batch)
+        return x + mlp_out
+
+    def forward_unsummed(
+        self, x: torch.Tensor, pending: torch.Tensor | None, batch: ForwardBatch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` with its last residual add left to the next norm: takes x and `pending`, the previous layer's MLP
+        output not yet added (None before the first layer); returns the residual stream after attention and this
+        layer's MLP output. The add runs inside the norm's kernel call on the CPU in bf16 (one call a layer less),
+        with the same roundings."""
+        if pending is None:
+            h = self.input_layernorm(x)
+        else:
+            x, h = self.input_layernorm.add_and_norm(x, pending)
+        x, h = self.post_attention_layernorm.add_and_norm(x, self.token_mixer(h, batch))
+        return x, self.mlp(h)
 
 
 class DecoderModel(nn.Module):
@@ -83,10 +97,10 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         # input_ids: [T] (all sequences' new tokens, flat) -> final hidden states [T, H]
-        x = self.model.embed_tokens(input_ids)
+        x, pending = self.model.embed_tokens(input_ids), None
         for layer in self.model.layers:
-            x = layer(x, batch)
-        return self.model.norm(x)
+            x, pending = layer.forward_unsummed(x, pending, batch)
+        return self.model.norm.add_and_norm(x, pending)[1]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [N, H] -> logits [N, V] in fp32
