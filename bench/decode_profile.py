@@ -22,6 +22,7 @@ from krasis.bench.limits import read_bandwidth
 from krasis.bench.presets import PRESETS
 from krasis.bench.random_weights import bench_model_dir, ensure_random_cache
 from krasis.common.kernels.cpu import decode_ops
+from krasis.common.layers import attention
 from krasis.common.kv_cache import KVCache
 from krasis.common.model_loader import load_model, resolve_dtype
 from krasis.common.protocol_pipeline import HandOff
@@ -149,8 +150,11 @@ def main() -> None:
     parser.add_argument("--bandwidth-gib", type=float, default=2.0, help="read-bandwidth probe (0: skip)")
     parser.add_argument("--torch-formulas", action="store_true",
                         help="without krasis/common/kernels/cpu (the torch ops its kernels replace), for A/B runs")
+    parser.add_argument("--kernel-context", type=int, default=attention.DECODE_KERNEL_CONTEXT,
+                        help="longest context the decode attention kernel takes (longer: torch GEMMs)")
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
     args = parser.parse_args()
+    attention.DECODE_KERNEL_CONTEXT = args.kernel_context
     print(f"decode_profile: {' '.join(sys.argv[1:])}", file=sys.stderr, flush=True)
     result = run(args)
     print_report(result)
