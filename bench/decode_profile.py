@@ -151,7 +151,7 @@ def main() -> None:
     parser.add_argument("--torch-formulas", action="store_true",
                         help="without krasis/common/kernels/cpu (the torch ops its kernels replace), for A/B runs")
     parser.add_argument("--kernel-context", type=int, default=attention.DECODE_KERNEL_CONTEXT,
-                        help="longest context the decode attention kernel takes (longer: torch GEMMs)")
+                        help="longest context the decode attention kernel takes over one KV head (longer: torch GEMMs)")
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
     args = parser.parse_args()
     attention.DECODE_KERNEL_CONTEXT = args.kernel_context

@@ -17,10 +17,11 @@ FEW_QUERIES = 16  # up to this many queries (decode, short chunks) attend by GEM
 # 4 x 256 even (1.37 / 1.28), 4 x 1024 5.8 / 4.1.
 BATCHED_DECODE_BYTES = 256 << 10
 
-# Single queries over contexts up to this long attend in one decode_ops kernel call (fewer host ops); longer ones
-# through torch's GEMMs, which split the context over the threads better: V2-Lite MLA on 16 Xeon cores, 115 us a
-# layer in the kernel at 0.5K, but 2.96 ms against ~1.9 ms for the GEMMs at 32K (bench/decode_profile.py).
-DECODE_KERNEL_CONTEXT = 1024
+# Single queries attend in one decode_ops kernel call (KV read in place, fewer host ops), except over a single KV
+# head (MLA's latent) past this context, where torch's GEMMs are faster. bench/decode_attention.py on 16 Xeon cores
+# (2026-11-28), kernel against GEMMs a layer: V2-Lite MLA 0.10/0.17 ms at 0.5K, 0.47/0.50 at 4K, 2.83/2.38 at 32K;
+# Qwen3-30B GQA (4 KV heads) 0.09/0.68, 0.46/1.26, 2.40/14.8.
+DECODE_KERNEL_CONTEXT = 4096
 
 # Cached rows [..., width] -> keys [..., kv_heads, D] and values [..., kv_heads, Dv] (views), per layer type.
 KVSplit = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -186,11 +187,14 @@ def attend_single_queries(
     """
     cache, seqs = batch.kv.layers[layer_idx], batch.single_queries[1]
     longest = batch.per_step("longest_single_query", lambda: max(seq.context_len for seq in seqs))
-    if cache.is_cpu and longest <= DECODE_KERNEL_CONTEXT:  # one kernel call, KV read in place
-        starts, ends, slots = batch.per_step(("decode_rows", sliding_window), lambda: decode_rows(seqs, sliding_window))
-        out = decode_ops.decode_attention(q, *split_kv(cache), starts, ends, scale, slots)
-        if out is not None:
-            return out
+    if cache.is_cpu:
+        k, v = split_kv(cache)
+        if k.shape[1] > 1 or longest <= DECODE_KERNEL_CONTEXT:
+            build = lambda: decode_rows(seqs, sliding_window)  # noqa: E731
+            starts, ends, slots = batch.per_step(("decode_rows", sliding_window), build)
+            out = decode_ops.decode_attention(q, k, v, starts, ends, scale, slots)
+            if out is not None:
+                return out
     if len(seqs) > 1 and longest * cache.shape[1] * cache.element_size() <= BATCHED_DECODE_BYTES:
         build = lambda: padded_context(seqs, sliding_window, cache.device)  # noqa: E731
         index, blocked = batch.per_step(("padded_context", sliding_window), build)
