@@ -6,7 +6,7 @@ StackedExperts is replaced, whatever the architecture."""
 import torch
 from torch import nn
 
-from krasis.common.kernels.gpu.dequant import experts_per_block
+from krasis.common.kernels.gpu.dequant import block_scratch_bytes
 from krasis.common.kernels.gpu.fused_moe import DEQUANTIZE_FIRST_ROWS
 from krasis.common.kernels.gpu.moe import moe_experts
 from krasis.common.layers.attention import PAST_BLOCK, cudnn_shapes_ok
@@ -202,8 +202,4 @@ def activation_shape(model, kv_dtype_bytes: int | None = None, cudnn: bool = Fal
 
 def expert_scratch_bytes(experts: StackedExperts, dtype_bytes: int) -> int:
     """The float scratch quantized experts are dequantized into a block at a time (kernels.gpu.moe and fused_moe)."""
-    if not experts.quantized:
-        return 0
-    shape = experts.quantized["gate_up_proj"].shape
-    per_expert = 3 * shape[1] // 2 * shape[2] * dtype_bytes
-    return experts_per_block(shape, dtype_bytes) * per_expert
+    return block_scratch_bytes(experts.quantized["gate_up_proj"].shape, dtype_bytes) if experts.quantized else 0

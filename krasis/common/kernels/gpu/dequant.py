@@ -17,9 +17,18 @@ DEQUANT_BLOCK_BYTES = 256 << 20  # bf16 scratch for one block of dequantized exp
 
 def experts_per_block(gate_up_shape, dtype_bytes: int = 2, block_bytes: int = DEQUANT_BLOCK_BYTES) -> int:
     """Experts of a [E, 2I, H] gate_up (and its [E, H, I] down) whose float weights fit `block_bytes`."""
-    num_experts, two_inter, hidden = gate_up_shape
-    per_expert = 3 * (two_inter // 2) * hidden * dtype_bytes
-    return max(1, min(num_experts, block_bytes // per_expert))
+    return max(1, min(gate_up_shape[0], block_bytes // expert_float_bytes(gate_up_shape, dtype_bytes)))
+
+
+def block_scratch_bytes(gate_up_shape, dtype_bytes: int = 2, block_bytes: int = DEQUANT_BLOCK_BYTES) -> int:
+    """Bytes of one block of dequantized experts (experts_per_block of them)."""
+    return experts_per_block(gate_up_shape, dtype_bytes, block_bytes) * expert_float_bytes(gate_up_shape, dtype_bytes)
+
+
+def expert_float_bytes(gate_up_shape, dtype_bytes: int) -> int:
+    """One expert's gate_up [2I, H] and down [H, I] as floats of `dtype_bytes`."""
+    _, two_inter, hidden = gate_up_shape
+    return 3 * (two_inter // 2) * hidden * dtype_bytes
 
 
 def dequantize_experts(weight: QuantizedWeight, e0: int, e1: int, out: torch.Tensor) -> torch.Tensor:
