@@ -5,8 +5,8 @@ variant's results are also compared bit for bit with the first variant's.
 
     python bench/kernel_variants.py --threads 16 --variant git:HEAD --variant default --variant KRASIS_MOE_GUIDE=0
 
-The MoE call's work plan (csrc/moe_plan.h) is swept through KRASIS_MOE_ITEMS_PER_THREAD, KRASIS_MOE_GUIDE and
-KRASIS_MOE_PREFETCH_NEXT; the tiles through KRASIS_NR and KRASIS_PREFETCH.
+The MoE call's work plan (csrc/moe_plan.h) is swept through KRASIS_MOE_ITEMS_PER_THREAD and KRASIS_MOE_GUIDE; the
+tiles through KRASIS_NR and KRASIS_PREFETCH.
 """
 
 import argparse

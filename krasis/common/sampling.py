@@ -131,12 +131,12 @@ def sample(logits: torch.Tensor, seqs: list[SequenceSampler]) -> SampleResult:
     sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if not sampled:  # an all-greedy batch (a decode step's usual case) needs no gather of its rows
         tokens = x.argmax(dim=-1)
-        return SampleResult(tokens.tolist(), _gather_logprobs(raw, tokens, seqs))
-    tokens = torch.empty(len(seqs), dtype=torch.long, device=x.device)
-    if greedy:
-        tokens[greedy] = x[greedy].argmax(dim=-1)
-    u = torch.tensor([seqs[i].next_uniform() for i in sampled], dtype=torch.float64)
-    tokens[sampled] = draw(x[sampled], [seqs[i].params for i in sampled], u.to(x.device))
+    else:
+        tokens = torch.empty(len(seqs), dtype=torch.long, device=x.device)
+        if greedy:
+            tokens[greedy] = x[greedy].argmax(dim=-1)
+        u = torch.tensor([seqs[i].next_uniform() for i in sampled], dtype=torch.float64)
+        tokens[sampled] = draw(x[sampled], [seqs[i].params for i in sampled], u.to(x.device))
     return SampleResult(tokens.tolist(), _gather_logprobs(raw, tokens, seqs))
 
 

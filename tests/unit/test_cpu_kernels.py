@@ -155,9 +155,9 @@ def test_quant_experts_gives_the_same_bits_on_any_thread_count():
 
 @pytest.mark.slow
 def test_quant_experts_work_plans_give_the_same_bits():
-    """The default plan at 1, 3 and 8 threads (items of several sizes, spanning experts), items of 32 rows, and
-    threads claiming their next item early (to prefetch it) change who computes what, never a value: each pair's
-    down rows and each token's sum over its pairs keep their order."""
+    """The default plan at 1, 3 and 8 threads (items of several sizes, spanning experts) and items of 32 rows
+    change who computes what, never a value: each pair's down rows and each token's sum over its pairs keep their
+    order."""
     num_experts, hidden, inter, tokens, top_k = 16, 256, 160, 5, 4
     gate_up = make_weight("q4", (num_experts, 2 * inter, hidden), seed=21)
     down = make_weight("q4", (num_experts, hidden, inter), seed=22)
@@ -167,7 +167,7 @@ def test_quant_experts_work_plans_give_the_same_bits():
     args = (torch.randn(tokens, hidden, generator=g).to(torch.bfloat16), gate_up.qweight, gate_up.scales, q4, 32,
             down.qweight, down.scales, q4, 32, topk_ids, torch.rand(tokens, top_k, generator=g))  # fmt: skip
     small_items = cpu_kernels.build_extension(
-        defines=("KRASIS_MOE_GUIDE=0", "KRASIS_MOE_ITEMS_PER_THREAD=1000", "KRASIS_MOE_PREFETCH_NEXT=4096")
+        defines=("KRASIS_MOE_GUIDE=0", "KRASIS_MOE_ITEMS_PER_THREAD=1000")
     )
     threads = torch.get_num_threads()
     try:

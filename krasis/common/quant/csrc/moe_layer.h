@@ -199,21 +199,6 @@ struct MoeCall {
     for (int64_t h = 0; h < hit(); ++h) gu_done[h].store(0, std::memory_order_relaxed);
   }
 
-  // The first `bytes` of each weight row stream an item starts on, and their scales: the hardware
-  // prefetchers pick a new stream up only after its first misses.
-  void prefetch_start(const WorkItem& item, int64_t bytes) const {
-    const bool gate_up = item.kind == ItemKind::gate_up;
-    if (!gate_up && item.kind != ItemKind::down) return;
-    const int64_t rows = gate_up ? inter : hidden_out, expert = s.routing.experts[item.begin / rows];
-    const QMatrix w = gate_up ? matrix_view(gu_q, gu_s, gu_group, hidden_in, expert)
-                              : matrix_view(dn_q, dn_s, dn_group, inter, expert);
-    for (int64_t row : {item.begin % rows, gate_up ? inter + item.begin % rows : int64_t{-1}}) {
-      if (row < 0) continue;
-      for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(w.q + row * w.q_row + b);
-      __builtin_prefetch(w.s + row * w.s_row);
-    }
-  }
-
   void run() {
     const int64_t threads = at::get_num_threads();
     const int64_t gu_row_bytes = 2 * (gu_q.size(-1) + 2 * gu_s.size(-1));  // a gate row and its up row
@@ -224,18 +209,7 @@ struct MoeCall {
     const int64_t total = static_cast<int64_t>(s.items.size());
     std::atomic<int64_t> next{0};
     at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-      if (KRASIS_MOE_PREFETCH_NEXT == 0) {
-        for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < total;) run_item(s.items[i]);
-        return;
-      }
-      // A thread claims its next item as it starts one, to prefetch that one's first rows. Still no deadlock:
-      // an item claimed ahead has a lower one running on its thread, so the lowest unfinished item is running.
-      for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < total;) {
-        const int64_t following = next.fetch_add(1, std::memory_order_relaxed);
-        if (following < total) prefetch_start(s.items[following], KRASIS_MOE_PREFETCH_NEXT);
-        run_item(s.items[i]);
-        i = following;
-      }
+      for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < total;) run_item(s.items[i]);
     });
   }
 };

@@ -5,9 +5,6 @@
 #ifndef KRASIS_MOE_ITEMS_PER_THREAD
 #define KRASIS_MOE_ITEMS_PER_THREAD 8  // the smallest item: the call's bytes / (threads * this)
 #endif
-#ifndef KRASIS_MOE_PREFETCH_NEXT
-#define KRASIS_MOE_PREFETCH_NEXT 0  // bytes of each weight row stream of a thread's next item to prefetch; 0: none
-#endif
 #ifndef KRASIS_MOE_GUIDE
 #define KRASIS_MOE_GUIDE 2  // an item's bytes: at least the bytes left / (threads * this); 0: all the smallest
 #endif
