@@ -33,4 +33,5 @@ cat "$OUT/machine.txt" "$OUT/summary.txt"
 [ -f "$OUT/profile.txt" ] && head -32 "$OUT/profile.txt"; [ -f "$OUT/profile32.txt" ] && head -32 "$OUT/profile32.txt"
 [ -f "$OUT/prefill.txt" ] && tail -12 "$OUT/prefill.txt"
 [ -f "$OUT/timeline.txt" ] && grep -v "it/s\]" "$OUT/timeline.txt" | grep -A3 -B1 "tokens: TTFT\|summary"
+[ -f "$OUT/timeline.txt" ] && grep -A45 "host profile.*tottime" "$OUT/timeline.txt"
 for f in bench27 prefill27 bench27_4gib; do [ -f "$OUT/$f.txt" ] && grep -v "it/s\]" "$OUT/$f.txt" | tail -24; done
