@@ -22,6 +22,7 @@ step prefill27 ${PREFILL27_S:-300} python3 -c "from krasis.ctl.main import cli; 
 step bench27_4gib 200 python3 -c "from krasis.ctl.main import cli; cli()" bench --preset deepseek-v2-lite --device cuda --quant q4 \
   --vram-budget 4 --threads 16 --prompt-tokens 2K,8K,32K --decode-context 0.5K --decode-tokens 16 --json "$OUT/bench-v2lite-q4-4gib.json"
 step timeline ${TIMELINE_S:-200} python3 bench/stream_timeline.py --budget ${BUDGET:-4} ${TIMELINE_ARGS:---tokens 512 8192 32768}
+step timeline_thawed ${TIMELINE_S:-200} python3 bench/stream_timeline.py --budget ${BUDGET:-4} --thaw ${TIMELINE_ARGS:---tokens 512 8192 32768}
 step profile 120 python3 bench/prefill_profile.py --layers 4 --tokens 8192 --chunk 8192
 step profile32 150 python3 bench/prefill_profile.py --layers 4 --tokens 32768 --chunk 8192
 step prefill 180 python3 bench/gpu_prefill.py --layers 12 --quant q4 --budget 4 --tokens 8192 --chunk 8192
@@ -30,8 +31,8 @@ cat "$OUT/machine.txt" "$OUT/summary.txt"
 [ -f "$OUT/kernels.txt" ] && cat "$OUT/kernels.txt"; [ -f "$OUT/attention.txt" ] && grep -v Warn "$OUT/attention.txt"
 [ -f "$OUT/cudnn_shapes.txt" ] && cat "$OUT/cudnn_shapes.txt"
 [ -f "$OUT/kernels_next.txt" ] && cat "$OUT/kernels_next.txt"
-[ -f "$OUT/profile.txt" ] && head -32 "$OUT/profile.txt"; [ -f "$OUT/profile32.txt" ] && head -32 "$OUT/profile32.txt"
+for f in profile profile32; do [ -f "$OUT/$f.txt" ] && head -1 "$OUT/$f.txt" && grep -A12 "GPU idle" "$OUT/$f.txt"; done
 [ -f "$OUT/prefill.txt" ] && tail -12 "$OUT/prefill.txt"
-[ -f "$OUT/timeline.txt" ] && grep -v "it/s\]" "$OUT/timeline.txt" | grep -A3 -B1 "tokens: TTFT\|summary"
+for f in timeline timeline_thawed; do [ -f "$OUT/$f.txt" ] && echo "== $f" && grep -v "it/s\]" "$OUT/$f.txt" | grep -A3 -B1 "tokens: TTFT\|summary"; done
 [ -f "$OUT/timeline.txt" ] && grep -A45 "host profile.*tottime" "$OUT/timeline.txt"
 for f in bench27 prefill27 bench27_4gib; do [ -f "$OUT/$f.txt" ] && grep -v "it/s\]" "$OUT/$f.txt" | tail -24; done

@@ -1,7 +1,11 @@
 """Where GPU prefill time goes: torch.profiler over one prompt through a resident runner (V2-Lite shape cut to
-a few layers, random q4 experts), top ops by GPU time and by CPU time. Run on a GPU machine."""
+a few layers, random q4 experts), top ops by GPU time and by CPU time, then the GPU's idle time: the gaps between its
+kernels and copies, each charged to the krasis function that launched the work after it. Run on a GPU machine."""
 
 import argparse
+import json
+import tempfile
+from collections import defaultdict
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -31,12 +35,41 @@ def main() -> None:
     torch.cuda.synchronize()
     print(f"{args.layers} layers, {args.tokens} tokens: {start.elapsed_time(end):.1f} ms "
           f"({args.tokens / start.elapsed_time(end) * 1e3:.0f} tok/s)")
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
         runner.prefill_prompt(prompt)
         torch.cuda.synchronize()
     averages = prof.key_averages()
     print(averages.table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
     print(averages.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
+    with tempfile.NamedTemporaryFile(suffix=".json") as trace:
+        prof.export_chrome_trace(trace.name)
+        print_idle(json.load(open(trace.name))["traceEvents"])
+
+
+def print_idle(events: list[dict], threshold_us: float = 5.0) -> None:
+    """The GPU's idle gaps (over threshold_us) between its kernels, copies and sets, summed by the innermost krasis
+    function on the host stack when the work after the gap was launched."""
+    gpu = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+    launches = {e["args"].get("correlation"): e for e in events if e.get("cat") == "cuda_runtime"}
+    frames = [e for e in events if e.get("cat") == "python_function" and "krasis/" in e["name"]]
+    idle, by_site, end = 0.0, defaultdict(lambda: [0, 0.0]), gpu[0]["ts"] + gpu[0]["dur"]
+    for e in gpu[1:]:
+        gap = e["ts"] - end
+        if gap > threshold_us:
+            idle += gap
+            launch = launches.get(e["args"].get("correlation"))
+            site = "(no launch found)"
+            if launch is not None:
+                enclosing = [f for f in frames if f["tid"] == launch["tid"] and f["ts"] <= launch["ts"] <= f["ts"] + f["dur"]]
+                site = max(enclosing, key=lambda f: f["ts"])["name"] if enclosing else "(outside krasis)"
+            by_site[site][0] += 1
+            by_site[site][1] += gap
+        end = max(end, e["ts"] + e["dur"])
+    span = end - gpu[0]["ts"]
+    print(f"\nGPU idle {idle / 1e3:.1f} ms of {span / 1e3:.1f} ms from its first kernel to its last "
+          f"(gaps over {threshold_us:.0f} us), by the function that launched the next work:")
+    for site, (count, total) in sorted(by_site.items(), key=lambda kv: -kv[1][1])[:20]:
+        print(f"  {total / 1e3:8.2f} ms {count:6d} gaps  {site}")
 
 
 if __name__ == "__main__":

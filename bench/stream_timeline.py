@@ -4,14 +4,16 @@ CUDA events at each expert group's copy (start, end: copy stream) and each layer
 host's clock when it enqueued each layer. Prints, per prompt length, the timeline of the second of two runs, a summary:
 host work before the first layer, copy time against the link rate, compute, time the compute stream waited for
 copies, and the tail after the last layer (final norm, logits, the KV hand-off); and both runs' TTFT, whose
-difference is what the first prompt of a length pays once (new shapes: allocator segments, cuDNN plans). --profile N
-then profiles the host (cProfile) through one more N-token prompt.
+difference is what the first prompt of a length pays once (new shapes: allocator segments, cuDNN plans); and the
+garbage collector's pauses during the prompt (--thaw: with the loaded objects back in its scans, as before the
+pipeline froze them). --profile N then profiles the host (cProfile) through one more N-token prompt.
 
     python bench/stream_timeline.py --preset deepseek-v2-lite --budget 5 --tokens 512 8192 32768
 """
 
 import argparse
 import cProfile
+import gc
 import pstats
 import sys
 import time
@@ -51,6 +53,31 @@ class Timeline:
         return self.start_event.elapsed_time(event)
 
 
+class GcPauses:
+    """The garbage collector's collections in this process: (generation, host start, seconds)."""
+
+    def __init__(self):
+        self.pauses: list[tuple[int, float, float]] = []
+        self._start = 0.0
+        gc.callbacks.append(self._on)
+
+    def _on(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.pauses.append((info["generation"], self._start, time.perf_counter() - self._start))
+
+    def since(self, start: float) -> str:
+        pauses = [(g, (t - start) * 1e3, s * 1e3) for g, t, s in self.pauses if t >= start]
+        if not pauses:
+            return "no collection"
+        longest = max(pauses, key=lambda p: p[2])
+        full = [p for p in pauses if p[0] == 2]
+        return (f"{len(pauses)} collections, {sum(p[2] for p in pauses):.1f} ms ({len(full)} full, "
+                f"{sum(p[2] for p in full):.1f} ms); longest {longest[2]:.1f} ms (generation {longest[0]}) "
+                f"at {longest[1]:.1f} ms")  # fmt: skip
+
+
 def _event(stream=None) -> torch.cuda.Event:
     event = torch.cuda.Event(enable_timing=True)
     event.record(stream)
@@ -76,7 +103,8 @@ def instrument(runner: StreamingPrefill, timeline: Timeline) -> None:
         layer.register_forward_hook(lambda m, a, out, i=i: timeline.layers.append((i, _event(), time.perf_counter())))
 
 
-def report(timeline: Timeline, tokens: int, ttft: float, tokenize: float, link: float, group_bytes: list[int]) -> None:
+def report(timeline: Timeline, tokens: int, ttft: float, tokenize: float, link: float, group_bytes: list[int],
+           gc_pauses: GcPauses) -> None:  # fmt: skip
     torch.cuda.synchronize()
     ends: dict[int, tuple[float, float]] = {}
     for i, event, host in timeline.layers:  # a layer's last chunk ends it
@@ -100,6 +128,7 @@ def report(timeline: Timeline, tokens: int, ttft: float, tokenize: float, link: 
           f"layers {last - first:.1f} ms after it; "
           f"streamed {copied:.2f} GB = {copied / link * 1e3:.1f} ms at the link's {link:.1f} GB/s; "
           f"after the last layer {ttft * 1e3 - last:.1f} ms (norm, logits, hand-off)")  # fmt: skip
+    print(f"garbage collector during the prompt: {gc_pauses.since(timeline.start_host)}")
 
 
 def main() -> None:
@@ -110,6 +139,7 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=5.0)
     p.add_argument("--chunk", type=int, default=8192)
     p.add_argument("--tokens", type=int, nargs="+", default=[512, 8192, 32768])
+    p.add_argument("--thaw", action="store_true", help="undo the pipeline's gc.freeze of the loaded objects")
     p.add_argument("--profile", type=int, default=0, help="then profile the host through one prompt of this length")
     args = p.parse_args()
     raw = preset_config(args.preset, args.layers)
@@ -126,6 +156,9 @@ def main() -> None:
     link = measure_pinned_link_rate("cuda") / 1e9
     tokenizer = Tokenizer.from_dir(model_dir)
     pipeline = BenchPipeline(prefill, decode_model, tokenizer, max(args.tokens) + 8, args.chunk, dtype)
+    if args.thaw:
+        gc.unfreeze()
+    gc_pauses = GcPauses()
     try:
         for tokens in args.tokens:
             text = prompt_text(tokenizer, tokens, 0)
@@ -135,7 +168,7 @@ def main() -> None:
                 timeline.reset()
                 timing = pipeline.run(text, tokens, 0)
                 ttfts.append(timing.ttft_s * 1e3)
-            report(timeline, tokens, timing.ttft_s, timing.tokenize_s, link, group_bytes)
+            report(timeline, tokens, timing.ttft_s, timing.tokenize_s, link, group_bytes, gc_pauses)
             print(f"{tokens} tokens: first run TTFT {ttfts[0]:.1f} ms, second {ttfts[1]:.1f} ms")
         if args.profile:
             text = prompt_text(tokenizer, args.profile, 0)

@@ -9,6 +9,7 @@ import torch
 from krasis.bench.models import PrefillSetup
 from krasis.bench.prompts import tokenize_prompt
 from krasis.common.kv_cache import PageAllocator
+from krasis.common.process import freeze_loaded_objects
 from krasis.common.protocol_pipeline import AddRequest
 from krasis.common.sampling import SamplingParams
 from krasis.common.shm import SharedKVPool, shared_kv_cache
@@ -45,6 +46,7 @@ class BenchPipeline:
                                       max_context=max_tokens, runner=prefill.runner)  # fmt: skip
         self.decode = CpuDecodeCore(decode_model, kv, frozenset(), self.vocab_size, max_tokens)
         self.device = self.prefill.device
+        freeze_loaded_objects()  # as a serving worker does once loaded
 
     def close(self) -> None:
         self.prefill.close()  # the pool's CUDA registration goes before its mapping

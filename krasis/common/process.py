@@ -1,6 +1,7 @@
 """Worker processes: spawn with a title, a ready handshake, parent-death detection, clean stop, supervision."""
 
 import atexit
+import gc
 import logging
 import multiprocessing
 import os
@@ -47,7 +48,9 @@ class WorkerContext:
         self.is_ready = False
 
     def ready(self, capacity: dict) -> None:
-        """Tell the parent this worker serves now; `capacity` is a msgpack-able dict (slots, memory, threads...)."""
+        """Tell the parent this worker serves now; `capacity` is a msgpack-able dict (slots, memory, threads...).
+        What the worker loaded is frozen out of the garbage collector's scans first (freeze_loaded_objects)."""
+        freeze_loaded_objects()
         self._send({"name": self.name, "title": self.title, "pid": os.getpid(), "capacity": capacity})
         self.is_ready = True
 
@@ -93,6 +96,14 @@ class StopSignals:
                 orphaned_at = orphaned_at or time.monotonic()
                 if self.orphan_grace_s is not None and time.monotonic() - orphaned_at > self.orphan_grace_s:
                     os._exit(1)
+
+
+def freeze_loaded_objects() -> None:
+    """Collect once, then exempt every object alive now (the loaded model's modules and tensors, imported modules)
+    from the cyclic garbage collector: its full collections, which otherwise walk all of them, then scan only what
+    serving allocates, and no longer stop a prefill step or a decode step for tens of milliseconds."""
+    gc.collect()
+    gc.freeze()
 
 
 def set_torch_threads(threads: int) -> None:

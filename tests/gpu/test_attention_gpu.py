@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from krasis.common.kernels.gpu.softmax_merge import merge_partials
 from krasis.common.layers.attention import PAST_BLOCK, attend, attend_chunk_blockwise, cudnn_attention_runs
 
 pytestmark = pytest.mark.gpu
@@ -34,7 +35,26 @@ def test_a_chunk_attends_block_by_block_as_the_lower_right_causal_kernel(heads, 
     got = attend_chunk_blockwise(q, blocks, context - queries, scale)
     assert got.dtype == torch.bfloat16 and got.shape == (queries, heads, v)
     torch.testing.assert_close(got.float(), expected, atol=2e-2, rtol=2e-2)
-    past_blocks = -(-(context - queries) // PAST_BLOCK)
+    past_blocks = -(-(context - queries) // max(PAST_BLOCK, queries))
     assert calls[0] == (context - queries, context) and len(calls) == 1 + past_blocks
     # the 3-d entry point the GQA layers call takes the same path
     torch.testing.assert_close(attend(q, k, values, scale, causal_lower_right(queries, context)), got, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("final", [False, True])
+def test_the_fused_merge_computes_what_torch_computes(final):
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    heads, queries, width = 4, 300, 128
+    out = torch.randn(1, queries, heads, width, device="cuda", generator=gen).to(torch.bfloat16).transpose(1, 2)
+    block_out = torch.randn(1, queries, heads, width, device="cuda", generator=gen).to(torch.bfloat16).transpose(1, 2)
+    lse, block_lse = (torch.randn(1, heads, queries, 1, device="cuda", generator=gen) * 4 for _ in range(2))
+    merged = torch.logaddexp(lse, block_lse)
+    expected = out.float() * (lse - merged).exp() + block_out.float() * (block_lse - merged).exp()
+    got, got_lse = merge_partials(out, lse.clone(), block_out, block_lse, final)
+    if final:
+        assert got_lse is None and got.shape == (queries, heads, width) and got.dtype == torch.bfloat16
+        torch.testing.assert_close(got, expected[0].transpose(0, 1).to(torch.bfloat16), atol=1e-2, rtol=1e-2)
+    else:
+        assert got.dtype == torch.float32 and got.shape == (1, heads, queries, width)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got_lse, merged, atol=1e-5, rtol=1e-5)

@@ -1,6 +1,7 @@
 """Attention over paged KV: prefill chunks through cuDNN block by block on a GPU (SDPA elsewhere), plain GEMMs for a
 few queries, and the step's single queries (decode tokens) of all sequences together."""
 
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from krasis.common.kernels.cpu import decode_ops
+from krasis.common.kernels.gpu.softmax_merge import merge_partials
 from krasis.common.kv_cache import ForwardBatch, SequenceSlice
 
 FEW_QUERIES = 16  # up to this many queries (decode, short chunks) attend by GEMMs; more through SDPA's fused kernels
@@ -27,8 +29,9 @@ DECODE_KERNEL_CONTEXT = 4096
 KVSplit = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 # (start, stop) -> keys [n, H, D] and values [n, H, Dv] of those context tokens (attend_chunk_blockwise)
 ContextKV = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
-# context tokens a CUDA prefill chunk attends to at a time (their keys and values, MLA's expanded from the latent:
-# 16 KB a token at V2-Lite's widths, 64 MB a block), so a chunk's memory does not grow with its context
+# context tokens a CUDA prefill chunk attends to at a time, or the chunk's own length if larger (their keys and
+# values, MLA's expanded from the latent: 16 KB a token at V2-Lite's widths, 64 MB a 4K block), so a chunk's memory
+# does not grow with its context
 PAST_BLOCK = 4096
 
 
@@ -63,11 +66,12 @@ def attend(
 def attend_chunk_blockwise(q: torch.Tensor, context: ContextKV, past: int, scale: float) -> torch.Tensor:
     """A prefill chunk's queries q [Tq, H, D], the last Tq tokens of a context of past + Tq, causal (lower right), in
     cuDNN's fused kernel: the chunk's own keys (square, so cuDNN's upper-left causal mask is the right one), then the
-    keys before it in blocks of PAST_BLOCK tokens (no mask), the softmaxes merged exactly through each call's
-    log-sum-exp in fp32. `context(start, stop)` gives the keys and values of those tokens, [n, H, D] and [n, H, Dv]
-    (MLA expands them from the latent there), so memory holds one block's keys and values whatever the context.
-    SDPA itself sends a lower-right mask only to its memory-efficient kernel: 4.3x slower at MLA's widths on an
-    H100/H200 (bench/attention_backends.py). -> [Tq, H, Dv]."""
+    keys before it in blocks of max(PAST_BLOCK, Tq) tokens (no mask; the square already holds Tq tokens' keys), the
+    softmaxes merged exactly through each call's log-sum-exp in fp32 (merge_partials). `context(start, stop)` gives
+    the keys and values of those tokens, [n, H, D] and [n, H, Dv] (MLA expands them from the latent there), so memory
+    holds one block's keys and values whatever the context. SDPA itself sends a lower-right mask only to its
+    memory-efficient kernel: 4.3x slower at MLA's widths on an H100/H200 (bench/attention_backends.py).
+    -> [Tq, H, Dv]."""
     q4 = q.transpose(0, 1).unsqueeze(0)
 
     def attend_to(start: int, stop: int, causal: bool):  # the block's keys and values live only inside the call
@@ -75,13 +79,13 @@ def attend_chunk_blockwise(q: torch.Tensor, context: ContextKV, past: int, scale
         return cudnn_attention(q4, k, v, scale, causal)
 
     out, lse = attend_to(past, past + q.shape[0], causal=True)
-    for start in range(0, past, PAST_BLOCK):
-        block_out, block_lse = attend_to(start, min(past, start + PAST_BLOCK), causal=False)
-        merged_lse = torch.logaddexp(lse, block_lse)
-        out = out.float().mul_((lse - merged_lse).exp_())  # fp32 from the first merge on, then in place
-        out.add_(block_out.float().mul_((block_lse - merged_lse).exp_()))
-        lse = merged_lse
-    return out[0].transpose(0, 1).to(q.dtype)
+    starts = range(0, past, max(PAST_BLOCK, q.shape[0]))
+    if not starts:
+        return out[0].transpose(0, 1)
+    for start, stop in itertools.pairwise([*starts, past]):
+        block_out, block_lse = attend_to(start, stop, causal=False)
+        out, lse = merge_partials(out, lse, block_out, block_lse, final=stop == past)
+    return out
 
 
 def cudnn_attention(q, k, v, scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -135,23 +135,35 @@ class _Routed:
 
 def _dequantized_by_block(routed: _Routed, gate_up: QuantizedWeight, down: QuantizedWeight, scratch_bytes: int):
     """Blocks of experts in turn: dequantized into one bf16 scratch, then the bf16 GEMMs over their row blocks. The
-    row blocks of each block of experts come from the one host sync of the call."""
+    row blocks of each block of experts come to the host through a pinned copy while the GPU dequantizes the first
+    block, so the one wait of the call leaves the GPU work queued behind it."""
     num_experts, two_inter, hidden = gate_up.shape
     per_block = experts_per_block(gate_up.shape, routed.x.element_size(), scratch_bytes)
     per_block = -(-num_experts // -(-num_experts // per_block))  # as many blocks, evened out
     edges = [*range(0, num_experts, per_block), num_experts]
     device = routed.x.device
-    firsts = torch.searchsorted(routed.block_expert, torch.tensor(edges, dtype=torch.int32, device=device))
-    block_edges = firsts.tolist()  # blocks are sorted by expert: block_edges[i] is the first of expert edges[i]
+    expert_edges = torch.arange(0, num_experts + per_block, per_block, dtype=torch.int32, device=device)
+    firsts = torch.searchsorted(routed.block_expert, expert_edges.clamp_(max=num_experts))
+    block_edges = torch.empty(len(edges), dtype=firsts.dtype, pin_memory=True)  # blocks are sorted by expert:
+    block_edges.copy_(firsts, non_blocking=True)  # block_edges[i] is the first block of expert edges[i]
+    copied = torch.cuda.Event()
+    copied.record()
     scratch = torch.empty(per_block * 3 * (two_inter // 2) * hidden, dtype=routed.x.dtype, device=device)
-    for (e0, e1), (b0, b1) in zip(itertools.pairwise(edges), itertools.pairwise(block_edges)):
-        if b0 == b1:
-            continue
-        split = (e1 - e0) * two_inter * hidden
-        gate_up_bf16 = dequantize_experts(gate_up, e0, e1, scratch[:split].view(e1 - e0, two_inter, hidden))
-        down_view = scratch[split : split * 3 // 2].view(e1 - e0, hidden, two_inter // 2)
-        down_bf16 = dequantize_experts(down, e0, e1, down_view)
-        routed.gemms(gate_up_bf16, down_bf16, b0, b1 - b0, e0, e1)
+    first = _dequantize_block(gate_up, down, edges[0], edges[1], scratch)  # queued before the wait
+    copied.synchronize()
+    for i, ((e0, e1), (b0, b1)) in enumerate(zip(itertools.pairwise(edges), itertools.pairwise(block_edges.tolist()))):
+        if b0 != b1:
+            weights = first if i == 0 else _dequantize_block(gate_up, down, e0, e1, scratch)
+            routed.gemms(*weights, b0, b1 - b0, e0, e1)
+
+
+def _dequantize_block(gate_up: QuantizedWeight, down: QuantizedWeight, e0: int, e1: int, scratch: torch.Tensor):
+    """Experts [e0, e1) of both projections into the scratch -> (gate_up [e, 2I, H], down [e, H, I]) bf16 views."""
+    _, two_inter, hidden = gate_up.shape
+    split = (e1 - e0) * two_inter * hidden
+    gate_up_bf16 = dequantize_experts(gate_up, e0, e1, scratch[:split].view(e1 - e0, two_inter, hidden))
+    down_bf16 = dequantize_experts(down, e0, e1, scratch[split : split * 3 // 2].view(e1 - e0, hidden, two_inter // 2))
+    return gate_up_bf16, down_bf16
 
 
 def compile_kernels(gate_up, down, top_k: int) -> None:
