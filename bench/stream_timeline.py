@@ -78,6 +78,12 @@ class GcPauses:
                 f"at {longest[1]:.1f} ms")  # fmt: skip
 
 
+def full_collection_ms() -> float:
+    start = time.perf_counter()
+    gc.collect()
+    return (time.perf_counter() - start) * 1e3
+
+
 def _event(stream=None) -> torch.cuda.Event:
     event = torch.cuda.Event(enable_timing=True)
     event.record(stream)
@@ -156,8 +162,11 @@ def main() -> None:
     link = measure_pinned_link_rate("cuda") / 1e9
     tokenizer = Tokenizer.from_dir(model_dir)
     pipeline = BenchPipeline(prefill, decode_model, tokenizer, max(args.tokens) + 8, args.chunk, dtype)
-    if args.thaw:
-        gc.unfreeze()
+    print(f"a full collection: {full_collection_ms():.1f} ms with the loaded objects frozen, ", end="")
+    gc.unfreeze()
+    print(f"{full_collection_ms():.1f} ms with them in its scans")
+    if not args.thaw:
+        gc.freeze()
     gc_pauses = GcPauses()
     try:
         for tokens in args.tokens:

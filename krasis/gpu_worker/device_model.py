@@ -9,7 +9,7 @@ from torch import nn
 from krasis.common.kernels.gpu.dequant import block_scratch_bytes
 from krasis.common.kernels.gpu.fused_moe import DEQUANTIZE_FIRST_ROWS
 from krasis.common.kernels.gpu.moe import moe_experts
-from krasis.common.layers.attention import PAST_BLOCK, cudnn_shapes_ok
+from krasis.common.layers.attention import PAST_BLOCK, QUERY_BUCKET, cudnn_shapes_ok
 from krasis.common.layers.moe import StackedExperts
 from krasis.common.quant.formats import QuantizedWeight, dequantize
 from krasis.common.quant.modules import QuantLinear
@@ -173,21 +173,27 @@ def measure_weights(model) -> ModelWeights:
     return ModelWeights(other, tuple(layers), embedding.nbytes if untied else 0, lm_head)
 
 
+def attention_widths(config) -> tuple[int, int, int]:
+    """(query heads, q/k head width, v head width) of a model's softmax attention (MLA: q/k are nope + rope)."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    qk_dim = getattr(config, "qk_nope_head_dim", 0) + getattr(config, "qk_rope_head_dim", 0) or head_dim
+    return heads, qk_dim, getattr(config, "v_head_dim", None) or head_dim
+
+
 def activation_shape(model, kv_dtype_bytes: int | None = None, cudnn: bool = False) -> ActivationShape:
     """The planner's view of prefill activations, from the model's config (DeepSeek MLA, GQA, linear attention);
     `cudnn`: the device runs cuDNN's fused attention, through which MLA expands its context a block at a time."""
     cfg, dtype = model.config, model.model.embed_tokens.weight.dtype
-    d, heads = dtype.itemsize, cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    qk_dim = getattr(cfg, "qk_nope_head_dim", 0) + getattr(cfg, "qk_rope_head_dim", 0) or head_dim
-    v_dim = getattr(cfg, "v_head_dim", None) or head_dim
+    d, (heads, qk_dim, v_dim) = dtype.itemsize, attention_widths(cfg)
     kv_width = max(model.kv_widths)
     # per context token: the cached row read back, K and V expanded to every head; MLA also up-projects the latent
     # (kv_b_proj: nope + v per head) before K is assembled
     expanded = heads * (qk_dim + v_dim) * d + (heads * (qk_dim - getattr(cfg, "qk_rope_head_dim", 0) + v_dim) * d
                                                if getattr(cfg, "kv_lora_rank", None) else 0)  # fmt: skip
     experts = list(_experts_modules(model).values())
-    blockwise = cudnn and getattr(cfg, "kv_lora_rank", None) is not None and cudnn_shapes_ok(dtype, qk_dim, v_dim)
+    squares = cudnn and cudnn_shapes_ok(dtype, qk_dim, v_dim)  # chunks attend through attend_chunk_blockwise
+    blockwise = squares and getattr(cfg, "kv_lora_rank", None) is not None
     return ActivationShape(
         hidden_size=cfg.hidden_size, top_k=getattr(cfg, "num_experts_per_tok", 0) if experts else 0,
         expert_width=experts[0].intermediate_size if experts else getattr(cfg, "intermediate_size", cfg.hidden_size),
@@ -195,6 +201,7 @@ def activation_shape(model, kv_dtype_bytes: int | None = None, cudnn: bool = Fal
         layer_kv_bytes_per_token=kv_width * (kv_dtype_bytes or d), dtype_bytes=d, num_experts=experts[0].num_experts if experts else 0,
         state_bytes_per_seq=4 * sum(model.state_widths),
         attention_block=PAST_BLOCK if blockwise else 0,
+        query_bucket=QUERY_BUCKET if squares else 0,
         expert_scratch_bytes=expert_scratch_bytes(experts[0], d) if experts else 0,
         dequantize_first_rows=DEQUANTIZE_FIRST_ROWS,
     )  # fmt: skip

@@ -10,8 +10,9 @@ import torch
 
 from krasis.common.kernels.gpu.fused_moe import compile_kernels, fused_available
 from krasis.common.kv_cache import ForwardBatch, KVCache
+from krasis.common.layers.attention import warm_chunk_attention
 from krasis.common.sequence_state import Plan, forward_batch
-from krasis.gpu_worker.device_model import StreamedExperts, buffer_views
+from krasis.gpu_worker.device_model import StreamedExperts, attention_widths, buffer_views
 from krasis.gpu_worker.host_memory import HostRegistration
 from krasis.gpu_worker.kv_handoff import layer_staging
 from krasis.gpu_worker.vram_plan import VramPlan
@@ -41,6 +42,8 @@ class StreamingPrefill:
         self._done: list = []
         if self.cuda and experts:
             self._compile_expert_kernels(next(iter(experts.values())))
+        if self.cuda and plan.shape is not None and plan.shape.query_bucket:
+            warm_chunk_attention(*attention_widths(model.config), plan.chunk_tokens, self.dtype, self.device)
 
     def _compile_expert_kernels(self, experts: StreamedExperts) -> None:
         """Triton compiles at start, not inside the first prompts (one compile per row-block height)."""

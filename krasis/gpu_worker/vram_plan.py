@@ -53,6 +53,7 @@ class ActivationShape:
     num_experts: int = 0  # routed experts of a layer (their row padding in the fused expert kernels)
     state_bytes_per_seq: int = 0  # fp32 state rows of one sequence over all layers (linear attention)
     attention_block: int = 0  # context tokens attention expands at a time (MLA blockwise on cuDNN); 0: all at once
+    query_bucket: int = 0  # cuDNN calls pad a chunk's square to a multiple of this from one earlier (0: no cuDNN)
     expert_scratch_bytes: int = 0  # quantized experts dequantized a block at a time before their GEMMs (0: never)
     dequantize_first_rows: int = 0  # ... for chunks of at least this many routed rows an expert on average
 
@@ -61,12 +62,14 @@ class ActivationShape:
         norms and residuals, then attention or the routed experts (never both alive at once)."""
         d, h = self.dtype_bytes, self.hidden_size
         io = chunk * h * (4 * d + 8)  # x rows, norm output, mixer output, residual; the norms' fp32 copies
-        if self.attention_block:  # the context's cached rows read back; one block (or the chunk) expanded at a time
-            expanded = min(context, max(chunk, self.attention_block))
+        square = chunk + self.query_bucket  # the chunk's own keys, from the bucket boundary before it
+        if self.attention_block:  # the context's cached rows read back; one block (or the square) expanded at a time
+            expanded = min(context, max(square, self.attention_block))
             context_bytes = context * self.layer_kv_bytes_per_token + expanded * self.attn_bytes_per_context_token
         else:
             context_bytes = context * self.attn_bytes_per_context_token
-        attention = context_bytes + 4 * chunk * self.num_heads * 256 * d
+        padded = (square + self.query_bucket) * self.attn_bytes_per_context_token if self.query_bucket else 0
+        attention = context_bytes + padded + 4 * chunk * self.num_heads * 256 * d
         rows = chunk * self.top_k
         # router scores and ids; the fused expert kernels' padded rows (pair index, expert of each block, the
         # activation h), each pair's output row, the weighted sum; the routing's sort and index temporaries; the

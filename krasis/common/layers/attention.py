@@ -29,10 +29,11 @@ DECODE_KERNEL_CONTEXT = 4096
 KVSplit = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 # (start, stop) -> keys [n, H, D] and values [n, H, Dv] of those context tokens (attend_chunk_blockwise)
 ContextKV = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
-# context tokens a CUDA prefill chunk attends to at a time, or the chunk's own length if larger (their keys and
-# values, MLA's expanded from the latent: 16 KB a token at V2-Lite's widths, 64 MB a 4K block), so a chunk's memory
-# does not grow with its context
-PAST_BLOCK = 4096
+# context tokens before a CUDA prefill chunk's own that it attends to at a time (their keys and values, MLA's
+# expanded from the latent: 16 KB a token at V2-Lite's widths, 128 MB a block), so a chunk's memory does not grow
+# with its context; and the multiple every call's query and key counts are padded to (attend_chunk_blockwise)
+PAST_BLOCK = 8192
+QUERY_BUCKET = 256
 
 
 def causal_mask(query_len: int, context_len: int, sliding_window: int | None, device) -> torch.Tensor | None:
@@ -65,27 +66,65 @@ def attend(
 
 def attend_chunk_blockwise(q: torch.Tensor, context: ContextKV, past: int, scale: float) -> torch.Tensor:
     """A prefill chunk's queries q [Tq, H, D], the last Tq tokens of a context of past + Tq, causal (lower right), in
-    cuDNN's fused kernel: the chunk's own keys (square, so cuDNN's upper-left causal mask is the right one), then the
-    keys before it in blocks of max(PAST_BLOCK, Tq) tokens (no mask; the square already holds Tq tokens' keys), the
-    softmaxes merged exactly through each call's log-sum-exp in fp32 (merge_partials). `context(start, stop)` gives
-    the keys and values of those tokens, [n, H, D] and [n, H, Dv] (MLA expands them from the latent there), so memory
-    holds one block's keys and values whatever the context. SDPA itself sends a lower-right mask only to its
-    memory-efficient kernel: 4.3x slower at MLA's widths on an H100/H200 (bench/attention_backends.py).
+    cuDNN's fused kernel: a square call (cuDNN's upper-left causal mask is the right one there) over the chunk's own
+    keys, then the keys before it in blocks of PAST_BLOCK (no mask), the softmaxes merged exactly through each call's
+    log-sum-exp in fp32 (merge_partials). `context(start, stop)` gives the keys and values of those tokens, [n, H, D]
+    and [n, H, Dv] (MLA expands them from the latent there), so memory holds one block's keys and values whatever the
+    context. SDPA itself sends a lower-right mask only to its memory-efficient kernel: 4.3x slower at MLA's widths on
+    an H100/H200 (bench/attention_backends.py).
+
+    cuDNN builds a plan for every new shape (42-56 ms, bench/cudnn_shapes.py), so the calls take few shapes: the
+    square starts on a multiple of QUERY_BUCKET (its first rows are past keys, met by zero queries whose outputs are
+    dropped) and ends padded with zero rows to a multiple of it (no real query sees a row after its own); the past
+    before it is whole blocks and one QUERY_BUCKET multiple. warm_chunk_attention builds the usual ones at start.
     -> [Tq, H, Dv]."""
-    q4 = q.transpose(0, 1).unsqueeze(0)
+    tokens = q.shape[0]
+    front = past % QUERY_BUCKET
+    rows = -(-(front + tokens) // QUERY_BUCKET) * QUERY_BUCKET
+    q4 = _as_heads_first(_padded(q, front, rows))
 
     def attend_to(start: int, stop: int, causal: bool):  # the block's keys and values live only inside the call
-        k, v = (t.transpose(0, 1).unsqueeze(0) for t in context(start, stop))
+        k, v = (_as_heads_first(_padded(t, 0, rows if causal else stop - start)) for t in context(start, stop))
         return cudnn_attention(q4, k, v, scale, causal)
 
-    out, lse = attend_to(past, past + q.shape[0], causal=True)
-    starts = range(0, past, max(PAST_BLOCK, q.shape[0]))
+    out, lse = attend_to(past - front, past + tokens, causal=True)
+    starts = range(0, past - front, PAST_BLOCK)
     if not starts:
-        return out[0].transpose(0, 1)
-    for start, stop in itertools.pairwise([*starts, past]):
+        return out[0].transpose(0, 1)[front : front + tokens]
+    for start, stop in itertools.pairwise([*starts, past - front]):
         block_out, block_lse = attend_to(start, stop, causal=False)
-        out, lse = merge_partials(out, lse, block_out, block_lse, final=stop == past)
+        out, lse = merge_partials(out, lse, block_out, block_lse, final=stop == past - front)
+    return out[front : front + tokens]
+
+
+def _padded(t: torch.Tensor, front: int, rows: int) -> torch.Tensor:
+    """t [n, H, D] contiguous, at rows front .. front + n of [rows, H, D] zeros when it does not fill them itself."""
+    if front == 0 and t.shape[0] == rows:
+        return t.contiguous()  # one layout for every call (MLA's values are a strided view), one plan a shape
+    out = t.new_zeros(rows, *t.shape[1:])
+    out[front : front + t.shape[0]] = t
     return out
+
+
+def _as_heads_first(t: torch.Tensor) -> torch.Tensor:
+    """[n, H, D] -> [1, H, n, D] (a view), the layout of SDPA's fused kernels."""
+    return t.transpose(0, 1).unsqueeze(0)
+
+
+def warm_chunk_attention(heads: int, qk_width: int, v_width: int, max_chunk: int, dtype, device) -> int:
+    """Build cuDNN's plans for the calls of attend_chunk_blockwise on chunks of up to `max_chunk` tokens that start
+    on a QUERY_BUCKET boundary (a prompt from its first token): every square, and past blocks whole and of the
+    remainder a chunk of `max_chunk` leaves. A shape first met while serving costs its prompt ~50 ms. -> calls made."""
+    calls = 0
+    for rows in range(QUERY_BUCKET, -(-max_chunk // QUERY_BUCKET) * QUERY_BUCKET + 1, QUERY_BUCKET):
+        q = torch.zeros(rows, heads, qk_width, dtype=dtype, device=device)
+
+        def context(start: int, stop: int):
+            return q.new_zeros(stop - start, heads, qk_width), q.new_zeros(stop - start, heads, v_width)
+
+        attend_chunk_blockwise(q, context, PAST_BLOCK + max_chunk % PAST_BLOCK, 1.0)
+        calls += 1
+    return calls
 
 
 def cudnn_attention(q, k, v, scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
