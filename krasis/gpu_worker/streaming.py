@@ -62,9 +62,11 @@ class StreamingPrefill:
         # input_ids: [T] -> final hidden states [T, H]; after_layer(i) runs once layer i's KV is all written
         groups = self.plan.groups
         self._ready, self._done = [None] * len(groups), [None] * len(groups)
+        # [T, H], the step's only [T, H] tensor: layers and the norm work in place. A host embedding's rows copy
+        # over before the experts' do, so that the first layer does not wait behind two layers' experts.
+        x = self._embed(input_ids)
         for g in range(min(len(groups), len(self.buffers))):
             self._prefetch(g)
-        x = self._embed(input_ids)  # [T, H], the step's only [T, H] tensor: layers and the norm work in place
         for i, layer in enumerate(self.model.model.layers):
             g = self.group_of.get(i)
             if g is not None and i == groups[g][0]:

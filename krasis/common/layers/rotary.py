@@ -58,11 +58,19 @@ class RotaryEmbedding:
 
     def __init__(self, rope: RopeConfig, head_dim: int, max_position_embeddings: int):
         self.inv_freq, self.attention_scaling = rope_inv_freq(rope, head_dim, max_position_embeddings)
+        self._inv_freq_on = {self.inv_freq.device: self.inv_freq}  # copies kept per device
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: [T] -> cos, sin: [T, dim/2] in fp32
-        freqs = positions[:, None].float() * self.inv_freq.to(positions.device)[None, :]
+        freqs = positions[:, None].float() * self._inv_freq(positions.device)[None, :]
         return freqs.cos() * self.attention_scaling, freqs.sin() * self.attention_scaling
+
+    def _inv_freq(self, device: torch.device) -> torch.Tensor:
+        """inv_freq on `device`, copied there once: a copy from pageable memory waits for the copy engine, which
+        a streaming prefill keeps busy with experts (11 ms at the start of every step, bench/stream_timeline.py)."""
+        if device not in self._inv_freq_on:
+            self._inv_freq_on[device] = self.inv_freq.to(device)
+        return self._inv_freq_on[device]
 
     def half_tables(self, batch: ForwardBatch, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The step's tables for `apply_rotary_half`, built once a step for every layer."""
