@@ -11,7 +11,8 @@ device (no host sync, so the host keeps enqueueing while the GPU works).
 Dequantizing inside a GEMM tile costs the tensor cores their overlap (Triton waits for each tile's MMAs before the
 next tile's unpacking), so a quantized GEMM runs at about half a bf16 one. With many rows an expert it pays to
 dequantize first: a block of experts at a time into a bf16 scratch (one memory-bound pass over the weights), then
-the bf16 kernels over that block's rows. That path learns each block's rows from one host sync a layer.
+the bf16 kernels over that block's rows. That path learns each block's rows from one wait a call, for a pinned copy
+the GPU makes while it dequantizes the first block.
 
 Rounding follows StackedExperts: the GEMM outputs, the activation and the gated product are rounded to bf16 as
 torch's bf16 ops round them; weights are q * scale exactly, rounded once to bf16 as `dequantize` does. A token's
