@@ -3,8 +3,8 @@
 # of DeepSeek-V2-Lite (bench27: BUDGET GiB, default 4; prefill27: its prompts only; bench27_4gib), the attention
 # backends at MLA shapes and what a new shape costs cuDNN (cudnn_shapes), a profile of a few resident layers at 8K
 # and 32K, streamed-vs-resident prefill on a V2-Lite cut, and the timeline of streamed prompts on the bench model
-# (timeline). TESTS_K picks GPU tests by keyword, KTOKENS the kernels' token counts, SWEEP their tile sweeps (empty:
-# none). Each step is time-boxed (*_S: seconds) and logged under $OUT; a short summary prints last. STEPS picks them:
+# (timeline). PREFILL27_BUDGET and PREFILL27_PROMPTS set prefill27's budget and prompts, TESTS_K picks GPU tests
+# by keyword, KTOKENS the kernels' token counts, SWEEP their tile sweeps (empty: none). Each step is time-boxed (*_S: seconds) and logged under $OUT; a short summary prints last. STEPS picks them:
 # STEPS="tests bench27 bench27_4gib" BUDGET=5 bash bench/device_prefill.sh
 set -uo pipefail
 source "$(dirname "$0")/device_steps.sh"
@@ -17,8 +17,9 @@ step cudnn_shapes 90 python3 bench/cudnn_shapes.py
 step kernels_next 60 python3 bench/moe_kernels.py --shape qwen3-next --tokens 8192
 step bench27 330 python3 -c "from krasis.ctl.main import cli; cli()" bench --preset deepseek-v2-lite --device cuda --quant q4 --vram-budget ${BUDGET:-4} \
   --threads 16 --prompt-tokens 2K,8K,32K --decode-context 0.5K,32K --decode-tokens 16 --json "$OUT/bench-v2lite-q4.json"
-step prefill27 ${PREFILL27_S:-300} python3 -c "from krasis.ctl.main import cli; cli()" bench --preset deepseek-v2-lite --device cuda --quant q4 --vram-budget ${BUDGET:-4} \
-  --threads 16 --prompt-tokens 8K,32K --decode-context 0.5K --decode-tokens 8 --json "$OUT/prefill-v2lite-q4.json"
+step prefill27 ${PREFILL27_S:-300} python3 -c "from krasis.ctl.main import cli; cli()" bench --preset deepseek-v2-lite --device cuda --quant q4 \
+  --vram-budget ${PREFILL27_BUDGET:-${BUDGET:-4}} --threads 16 --prompt-tokens ${PREFILL27_PROMPTS:-8K,32K} --decode-context 0.5K \
+  --decode-tokens 8 --json "$OUT/prefill-v2lite-q4.json"
 step bench27_4gib 200 python3 -c "from krasis.ctl.main import cli; cli()" bench --preset deepseek-v2-lite --device cuda --quant q4 \
   --vram-budget 4 --threads 16 --prompt-tokens 2K,8K,32K --decode-context 0.5K --decode-tokens 16 --json "$OUT/bench-v2lite-q4-4gib.json"
 step timeline ${TIMELINE_S:-200} python3 bench/stream_timeline.py --budget ${BUDGET:-4} ${TIMELINE_ARGS:---tokens 512 8192 32768}
