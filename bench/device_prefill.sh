@@ -4,7 +4,8 @@
 # backends at MLA shapes and what a new shape costs cuDNN (cudnn_shapes), a profile of a few resident layers at 8K
 # and 32K, streamed-vs-resident prefill on a V2-Lite cut, and the timeline of streamed prompts on the bench model
 # (timeline). PREFILL27_BUDGET and PREFILL27_PROMPTS set prefill27's budget and prompts, TESTS_K picks GPU tests
-# by keyword, KTOKENS the kernels' token counts, SWEEP their tile sweeps (empty: none). Each step is time-boxed (*_S: seconds) and logged under $OUT; a short summary prints last. STEPS picks them:
+# by keyword, KTOKENS the kernels' token counts, SWEEP their tile sweeps (empty: none). Each step is time-boxed (*_S:
+# seconds) and logged under $OUT; a short summary prints last. STEPS picks them:
 # STEPS="tests bench27 bench27_4gib" BUDGET=5 bash bench/device_prefill.sh
 set -uo pipefail
 source "$(dirname "$0")/device_steps.sh"
