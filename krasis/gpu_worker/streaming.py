@@ -159,5 +159,7 @@ def chunk_batches(plan: Plan, kv: KVCache, device, chunk_tokens: int):
         chunks.append((slice(start, start + chunk_ids.numel()), batch))
         ids.append(chunk_ids)
         start += chunk_ids.numel()
+    if len(chunks) == 1:  # the step in one chunk: its batch is the whole step's
+        return ids[0], chunks, chunks[0][1]
     _, whole = forward_batch(plan, kv, device)
     return torch.cat(ids), chunks, whole
