@@ -91,7 +91,9 @@ class KVCache:
         return self.slots(page_table, 0, end, device)
 
     def write(self, layer: int, slots: torch.Tensor, values: torch.Tensor) -> None:
-        self.layers[layer].index_copy_(0, slots, values.to(self.layers[layer].dtype))
+        cache = self.layers[layer]
+        # a .to() of the dtype values already have is still a dispatched op (~2 us), once a layer in decode
+        cache.index_copy_(0, slots, values if values.dtype == cache.dtype else values.to(cache.dtype))
 
     def read(self, layer: int, slots: "torch.Tensor | slice") -> torch.Tensor:
         """[len(slots), width]: a view for a slice of rows, a gathered copy for a slot tensor."""

@@ -23,7 +23,7 @@ from krasis.common.quant.cpu_kernels import (
     quant_linear,
 )
 from krasis.common.quant.formats import QuantizedWeight, QuantSpec, dequantize, quantize
-from krasis.common.quant.modules import DecodeLinear, swap_in_quantized
+from krasis.common.quant.modules import DecodeLinear, QuantLinear, swap_in_quantized
 
 SPECS = ["q8", "q8:channel", "q4", "q4:g128"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -74,6 +74,17 @@ def test_quant_linear_accepts_a_non_contiguous_x():
     x = torch.randn(128, 4).T
     weight64, x_in = dequantize(qw).double(), kernel_input(x, qw)
     assert_close_to_fp64(quant_linear(x, qw), x_in, weight64, x_in.double() @ weight64.T)
+
+
+def test_quant_linear_module_gives_every_leading_shape_the_rows_of_the_2d_call():
+    qw = make_weight("q4", (8, 128))
+    bias = torch.nn.Parameter(torch.randn(8).to(torch.bfloat16), requires_grad=False)
+    layer = QuantLinear(qw, bias)
+    x = torch.randn(6, 128).to(torch.bfloat16)
+    rows = quant_linear(x, qw) + bias
+    assert torch.equal(layer(x), rows)
+    assert torch.equal(layer(x.view(2, 3, 128)), rows.view(2, 3, 8))
+    assert torch.equal(layer(x[0]), rows[0])
 
 
 def test_quant_linear_rejects_mismatched_x():

@@ -36,3 +36,13 @@ def test_a_sequence_on_consecutive_pages_reads_its_context_as_a_view():
     assert torch.equal(context, kv.read(0, slots))
     scattered = [4, 1, 2]
     assert isinstance(kv.context(scattered, 5), torch.Tensor)  # not consecutive: slots to gather
+
+
+def test_write_stores_values_in_the_cache_dtype():
+    kv = KVCache.allocate([4], num_pages=2, page_size=2, dtype=torch.bfloat16, device="cpu")
+    slots = kv.slots([1, 0], 0, 3)
+    values = torch.randn(3, 4)
+    kv.write(0, slots, values)
+    assert torch.equal(kv.read(0, slots), values.to(torch.bfloat16))
+    kv.write(0, slots[:1], values[:1].to(torch.bfloat16))  # already the cache dtype
+    assert torch.equal(kv.read(0, slots[:1]), values[:1].to(torch.bfloat16))

@@ -126,9 +126,8 @@ class DeepseekV2MoE(nn.Module):
         # x: [T, H]
         weights, ids = self.route(x)
         out = self.experts(x, ids, weights)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
-        return out
+        shared = self.shared_experts  # each read of a submodule is a Module.__getattr__ call
+        return out if shared is None else out + shared(x)
 
 
 def deepseek_v2_decoder_layer(cfg: DeepseekV2Config, layer_idx: int, rotary: RotaryEmbedding) -> PreNormDecoderLayer:
