@@ -111,11 +111,10 @@ def _as_heads_first(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(0, 1).unsqueeze(0)
 
 
-def warm_chunk_attention(heads: int, qk_width: int, v_width: int, max_chunk: int, dtype, device) -> int:
+def warm_chunk_attention(heads: int, qk_width: int, v_width: int, max_chunk: int, dtype, device) -> None:
     """Build cuDNN's plans for the calls of attend_chunk_blockwise on chunks of up to `max_chunk` tokens that start
     on a QUERY_BUCKET boundary (a prompt from its first token): every square, and past blocks whole and of the
-    remainder a chunk of `max_chunk` leaves. A shape first met while serving costs its prompt ~50 ms. -> calls made."""
-    calls = 0
+    remainder a chunk of `max_chunk` leaves. A shape first met while serving costs its prompt ~50 ms."""
     for rows in range(QUERY_BUCKET, -(-max_chunk // QUERY_BUCKET) * QUERY_BUCKET + 1, QUERY_BUCKET):
         q = torch.zeros(rows, heads, qk_width, dtype=dtype, device=device)
 
@@ -123,8 +122,6 @@ def warm_chunk_attention(heads: int, qk_width: int, v_width: int, max_chunk: int
             return q.new_zeros(stop - start, heads, qk_width), q.new_zeros(stop - start, heads, v_width)
 
         attend_chunk_blockwise(q, context, PAST_BLOCK + max_chunk % PAST_BLOCK, 1.0)
-        calls += 1
-    return calls
 
 
 def cudnn_attention(q, k, v, scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -143,6 +143,7 @@ def _dequantized_by_block(routed: _Routed, gate_up: QuantizedWeight, down: Quant
     per_block = -(-num_experts // -(-num_experts // per_block))  # as many blocks, evened out
     edges = [*range(0, num_experts, per_block), num_experts]
     device = routed.x.device
+    # the edges made on the device: a host list copied up would wait for the stream to drain
     expert_edges = torch.arange(0, num_experts + per_block, per_block, dtype=torch.int32, device=device)
     firsts = torch.searchsorted(routed.block_expert, expert_edges.clamp_(max=num_experts))
     block_edges = torch.empty(len(edges), dtype=firsts.dtype, pin_memory=True)  # blocks are sorted by expert:
