@@ -43,6 +43,7 @@ class _Queue:
         if not endpoint.startswith(ENDPOINT_SCHEMES):
             raise ValueError(f"endpoint {endpoint!r}: must start with one of {', '.join(ENDPOINT_SCHEMES)}")
         self.max_bytes = max_bytes
+        self._zero_copy: list[zmq.MessageTracker] = []  # sends whose frames libzmq may still be reading
         self.socket = self.CONTEXT.instance().socket(self.SOCKET_TYPE)
         self.socket.setsockopt(zmq.LINGER, 0)
         self._configure()
@@ -57,8 +58,26 @@ class _Queue:
         pass
 
     def close(self, linger_s: float = 0.0) -> None:
-        """Drop unsent messages (a dead peer must not hold up shutdown), or try for `linger_s` seconds."""
-        self.socket.close(linger=round(linger_s * 1000))
+        """Drop unsent messages (a dead peer must not hold up shutdown), or try for `linger_s` seconds. Zero-copy
+        sends are waited for within that time, else dropped too: when the process exits, pyzmq lets go of the memory
+        they read (its garbage thread's atexit) whether libzmq has sent it or not, and a frame sent from freed memory
+        carries what the allocator wrote there (the likely cause of a test's tensor whose first bytes arrived as
+        garbage, 3 runs in 37 on a loaded box)."""
+        deadline = time.monotonic() + linger_s
+        try:
+            for tracker in self._zero_copy if linger_s > 0 else ():
+                tracker.wait(max(0.0, deadline - time.monotonic()))
+        except zmq.NotDone:
+            deadline = time.monotonic()
+        self.socket.close(linger=round(max(0.0, deadline - time.monotonic()) * 1000))
+
+    def _sends_zero_copy(self, frames: list) -> bool:
+        """Whether pyzmq sends `frames` without a copy (it copies frames under zmq.COPY_THRESHOLD bytes)."""
+        return any(memoryview(f).nbytes >= zmq.COPY_THRESHOLD for f in frames)
+
+    def _track(self, tracker: "zmq.MessageTracker | None") -> None:
+        if tracker is not None:
+            self._zero_copy = [t for t in self._zero_copy if not t.done] + [tracker]
 
     def __enter__(self):
         return self
@@ -113,7 +132,7 @@ class PushQueue(_Queue):
         frames = encode(msg, self.max_bytes)
         if timeout is not None and not self.socket.poll(_poll_ms(_deadline(timeout)), zmq.POLLOUT):
             raise _full(self.endpoint, timeout)
-        self.socket.send_multipart(frames, copy=False)
+        self._track(self.socket.send_multipart(frames, copy=False, track=self._sends_zero_copy(frames)))
 
 
 class PullQueue(_Receiver):
@@ -160,7 +179,7 @@ class AsyncPushQueue(_Queue):
         frames = encode(msg, self.max_bytes)
         if timeout is not None and not await self.socket.poll(_poll_ms(_deadline(timeout)), zmq.POLLOUT):
             raise _full(self.endpoint, timeout)
-        await self.socket.send_multipart(frames, copy=False)
+        self._track(await self.socket.send_multipart(frames, copy=False, track=self._sends_zero_copy(frames)))
 
 
 class AsyncPeerPushQueue(AsyncPushQueue):
