@@ -68,8 +68,9 @@ class ActivationShape:
             context_bytes = context * self.layer_kv_bytes_per_token + expanded * self.attn_bytes_per_context_token
         else:
             context_bytes = context * self.attn_bytes_per_context_token
-        padded = (square + self.query_bucket) * self.attn_bytes_per_context_token if self.query_bucket else 0
-        attention = context_bytes + padded + 4 * chunk * self.num_heads * 256 * d
+        # the square's queries, keys and values copied into zero-padded rows
+        square_copies = (square + self.query_bucket) * self.attn_bytes_per_context_token if self.query_bucket else 0
+        attention = context_bytes + square_copies + 4 * chunk * self.num_heads * 256 * d
         rows = chunk * self.top_k
         # router scores and ids; the fused expert kernels' padded rows (pair index, expert of each block, the
         # activation h), each pair's output row, the weighted sum; the routing's sort and index temporaries; the

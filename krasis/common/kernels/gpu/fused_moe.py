@@ -24,7 +24,12 @@ import itertools
 
 import torch
 
-from krasis.common.kernels.gpu.dequant import DEQUANT_BLOCK_BYTES, dequantize_experts, experts_per_block
+from krasis.common.kernels.gpu.dequant import (
+    DEQUANT_BLOCK_BYTES,
+    dequantize_experts,
+    expert_float_bytes,
+    experts_per_block,
+)
 from krasis.common.quant.formats import QuantizedWeight
 
 ACTIVATIONS = ("silu", "swish")  # the gated activations the kernel computes in place; others take the grouped path
@@ -138,7 +143,7 @@ def _dequantized_by_block(routed: _Routed, gate_up: QuantizedWeight, down: Quant
     """Blocks of experts in turn: dequantized into one bf16 scratch, then the bf16 GEMMs over their row blocks. The
     row blocks of each block of experts come to the host through a pinned copy while the GPU dequantizes the first
     block, so the one wait of the call leaves the GPU work queued behind it."""
-    num_experts, two_inter, hidden = gate_up.shape
+    num_experts = gate_up.shape[0]
     per_block = experts_per_block(gate_up.shape, routed.x.element_size(), scratch_bytes)
     per_block = -(-num_experts // -(-num_experts // per_block))  # as many blocks, evened out
     edges = [*range(0, num_experts, per_block), num_experts]
@@ -150,7 +155,7 @@ def _dequantized_by_block(routed: _Routed, gate_up: QuantizedWeight, down: Quant
     block_edges.copy_(firsts, non_blocking=True)  # block_edges[i] is the first block of expert edges[i]
     copied = torch.cuda.Event()
     copied.record()
-    scratch = torch.empty(per_block * 3 * (two_inter // 2) * hidden, dtype=routed.x.dtype, device=device)
+    scratch = torch.empty(per_block * expert_float_bytes(gate_up.shape, 1), dtype=routed.x.dtype, device=device)
     first = _dequantize_block(gate_up, down, edges[0], edges[1], scratch)  # queued before the wait
     copied.synchronize()
     for i, ((e0, e1), (b0, b1)) in enumerate(zip(itertools.pairwise(edges), itertools.pairwise(block_edges.tolist()))):
