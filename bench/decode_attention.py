@@ -25,6 +25,7 @@ from krasis.common.layers.attention import attend_few_queries
 
 GB = 1e9
 RING_BYTES = 768 << 20  # caches cycled through: far past any L3, so each call reads its KV from memory
+SOURCES = "krasis/common/kernels/cpu"
 # name: (query heads, KV heads, key width, value width); MLA's values are the first 512 columns of its latent rows
 SHAPES = {"mla": (16, 1, 576, 512), "gqa": (32, 4, 128, 128)}  # DeepSeek-V2-Lite absorbed; Qwen3-30B-A3B
 
@@ -54,25 +55,35 @@ def torch_path(q, k, v, starts, ends, scale, slots):
 
 
 def kernel_at(rev: str):
-    """decode_attention of the decode_ops.cpp committed at `rev`, built under a name of its own."""
+    """decode_attention of the decode_ops.cpp (and its headers) committed at `rev`, built under a name of its own."""
     repo = Path(__file__).resolve().parent.parent
-    path = "krasis/common/kernels/cpu/decode_ops.cpp"
-    source = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=repo, check=True, capture_output=True).stdout
-    target = Path(tempfile.mkdtemp()) / "decode_ops.cpp"
-    target.write_bytes(source)
+    target = Path(tempfile.mkdtemp())
+    for name in ("decode_ops.cpp", "amx_tiles.h"):
+        shown = subprocess.run(["git", "show", f"{rev}:{SOURCES}/{name}"], cwd=repo, capture_output=True)
+        if shown.returncode == 0:
+            (target / name).write_bytes(shown.stdout)
     commit = subprocess.run(["git", "rev-parse", "--short", rev], cwd=repo, check=True, capture_output=True, text=True)
-    ops = load_extension(f"krasis_decode_{cpu_tag()}_at_{commit.stdout.strip()}", target,
-                         ["-O3", "-march=native", "-ffp-contract=off"])  # fmt: skip
+    flags = ["-O3", "-march=native", "-ffp-contract=off"]
+    return with_slots(load_extension(f"krasis_decode_{cpu_tag()}_at_{commit.stdout.strip()}", target / "decode_ops.cpp",
+                                     flags))  # fmt: skip
+
+
+def kernel_with(defines: str):
+    """decode_attention of the working tree's decode_ops.cpp built with these macros (`A=1,B=0`)."""
+    return with_slots(decode_ops.build_extension(tuple(defines.split(","))))
+
+
+def with_slots(ops):
     empty = torch.empty(0, dtype=torch.long)
     return lambda q, k, v, starts, ends, scale, slots: ops.decode_attention(
         q, k, v, empty if slots is None else slots, starts, ends, scale)  # fmt: skip
 
 
-def case_inputs(shape: str, context: int, batch: int, paged: bool, gen: torch.Generator):
+def case_inputs(shape: str, context: int, batch: int, paged: bool, ring_bytes: int, gen: torch.Generator):
     """(q, layers [(k, v)], starts, ends, slots): `batch` sequences of `context` rows each, in layers cycled through."""
     heads, _, dim, _ = SHAPES[shape]
     rows = context * batch
-    layers = [cache_views(shape, rows, gen) for _ in range(max(2, min(256, RING_BYTES // kv_bytes(shape, rows))))]
+    layers = [cache_views(shape, rows, gen) for _ in range(max(1, min(256, ring_bytes // kv_bytes(shape, rows))))]
     q = torch.randn(batch, heads, dim, generator=gen).bfloat16()
     starts, ends = [b * context for b in range(batch)], [(b + 1) * context for b in range(batch)]
     slots = None
@@ -94,16 +105,16 @@ def time_layers(fn, q, layers, starts, ends, scale, slots, min_seconds: float) -
     return statistics.median(times)
 
 
-def run_case(paths: dict, shape: str, context: int, batch: int, paged: bool, min_seconds: float) -> dict:
+def run_case(paths: dict, shape: str, context: int, batch: int, args) -> dict:
     gen = torch.Generator().manual_seed(context + batch)
-    q, layers, starts, ends, slots = case_inputs(shape, context, batch, paged, gen)
+    q, layers, starts, ends, slots = case_inputs(shape, context, batch, args.paged, args.ring_mib << 20, gen)
     scale = SHAPES[shape][2] ** -0.5
     expected = torch_path(q, *layers[0], starts, ends, scale, slots).double()
     row = {"shape": shape, "context": context, "batch": batch, "bytes": kv_bytes(shape, context * batch)}
     for name, fn in paths.items():
         out = fn(q, *layers[0], starts, ends, scale, slots)
         row[f"{name}_diff"] = ((out.double() - expected).abs().max() / expected.abs().max()).item()
-        row[name] = time_layers(fn, q, layers, starts, ends, scale, slots, min_seconds)
+        row[name] = time_layers(fn, q, layers, starts, ends, scale, slots, args.min_seconds)
     return row
 
 
@@ -129,10 +140,16 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()])
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 4096, 32768])
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    parser.add_argument("--shape", action="append", default=[], metavar="NAME=HEADS,KV_HEADS,DIM,V_DIM",
+                        help="a shape of one's own (a single KV head with V_DIM < DIM: values within the keys)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16], help="sequences a call (16: up to 4K)")
     parser.add_argument("--paged", action="store_true", help="rows through shuffled slots (pages of 16)")
     parser.add_argument("--against", help="also time the kernel of this git revision (e.g. HEAD)")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=MACROS",
+                        help="also time the working tree's kernel built with these macros (A=1,B=0)")
+    parser.add_argument("--ring-mib", type=int, default=RING_BYTES >> 20,
+                        help="KV layers cycled through (at least one); below the L3, calls read cached KV")
     parser.add_argument("--kernels-only", action="store_true", help="time no torch path (it still checks the outputs)")
     parser.add_argument("--min-seconds", type=float, default=0.5, help="timed calls per case at least this long")
     return parser.parse_args()
@@ -140,9 +157,15 @@ def parse_args():
 
 def main():
     args = parse_args()
+    for shape in args.shape:
+        name, dims = shape.split("=")
+        SHAPES[name] = tuple(int(d) for d in dims.split(","))
     paths = {"kernel": decode_ops.decode_attention}
     if args.against:
         paths[args.against] = kernel_at(args.against)
+    for variant in args.variant:
+        name, defines = variant.split("=", 1)
+        paths[name] = kernel_with(defines)
     if not args.kernels_only:
         paths["torch"] = torch_path
     table = []
@@ -155,7 +178,7 @@ def main():
                 for batch in args.batches:
                     if batch > 1 and context > 4096:
                         continue  # many long sequences: a ring of them would not fit the memory of small boxes
-                    row = run_case(paths, shape, context, batch, args.paged, args.min_seconds)
+                    row = run_case(paths, shape, context, batch, args)
                     row.update(threads=threads, bandwidth=best)
                     print_row(row, list(paths))
                     table.append(row)

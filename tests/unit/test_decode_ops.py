@@ -104,6 +104,39 @@ def test_decode_attention_of_a_batch_of_short_gqa_sequences_matches_the_torch_pa
     assert ((actual.float() - expected.float()).abs().max() / expected.float().abs().max()).item() <= 2**-7
 
 
+@pytest.fixture(scope="module")
+def emulated_amx():
+    """decode_ops built with a plain C++ stand-in for AMX's tile instructions: the tile path's data layout, tested
+    on machines without AMX (on a machine with it, the ordinary build takes that path for bf16)."""
+    return decode_ops.build_extension(("KRASIS_AMX_EMULATE",))
+
+
+# (query heads, KV heads, key width, value width): MLA's latent (values within the key rows), and 16 query heads over
+# each of 2 KV heads with separate values
+TILE_LAYOUTS = {"mla": (16, 1, 576, 512), "gqa": (32, 2, 64, 96)}
+
+
+@pytest.mark.parametrize("rows", ["rows", "pages", "shuffled"])
+@pytest.mark.parametrize("layout", TILE_LAYOUTS)
+def test_decode_attention_on_amx_tiles_equals_softmax_attention(emulated_amx, layout, rows):
+    heads, kv_heads, dim, v_dim = TILE_LAYOUTS[layout]
+    g = torch.Generator().manual_seed(3)
+    if kv_heads == 1:
+        cache = torch.randn(4096, dim, generator=g).bfloat16()
+        k, v = cache[:, None, :], cache[:, None, :v_dim]
+    else:
+        cache = torch.randn(4096, kv_heads, dim + v_dim, generator=g).bfloat16()
+        k, v = cache[..., :dim], cache[..., dim:]
+    q = torch.randn(3, heads, dim, generator=g).bfloat16()
+    starts, ends = [0, 5, 1000], [1, 1002, 4096]  # one row; blocks of 128 and an odd tail; several work items
+    slots = {"rows": None, "pages": paged_slots(4096, 4), "shuffled": torch.randperm(4096, generator=g)}[rows]
+    selected = [slice(s, e) if slots is None else slots[s:e] for s, e in zip(starts, ends)]
+    expected = reference_attention(q, k, v, selected, dim**-0.5)
+    no_slots = torch.empty(0, dtype=torch.long) if slots is None else slots
+    actual = emulated_amx.decode_attention(q, k, v, no_slots, starts, ends, dim**-0.5)
+    assert_attention_close(actual, expected, torch.bfloat16)
+
+
 def test_decode_attention_gives_the_same_bits_on_any_thread_count():
     k, v = cache_views("mla", 5000, torch.bfloat16)
     q = torch.randn(2, 16, 576).to(torch.bfloat16)

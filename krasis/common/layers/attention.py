@@ -20,9 +20,10 @@ FEW_QUERIES = 16  # up to this many queries (decode, short chunks) attend by GEM
 BATCHED_DECODE_BYTES = 256 << 10
 
 # Single queries attend in one decode_ops kernel call (KV read in place, fewer host ops), except over a single KV
-# head (MLA's latent) past this context, where torch's GEMMs are faster. bench/decode_attention.py on 16 Xeon cores
-# (2026-11-28), kernel against GEMMs a layer: V2-Lite MLA 0.10/0.17 ms at 0.5K, 0.47/0.50 at 4K, 2.83/2.38 at 32K;
-# Qwen3-30B GQA (4 KV heads) 0.09/0.68, 0.46/1.26, 2.40/14.8.
+# head (MLA's latent) past this context where the kernel lacks AMX tiles (or the KV is not bf16): there torch's GEMMs
+# are faster. bench/decode_attention.py on 16 Xeon cores (2026-11-28), ms a layer for the kernel on tiles / the kernel
+# without them / the GEMMs: V2-Lite MLA 0.07 / 0.09 / 0.14 at 0.5K, 0.27 / 0.42 / 0.51 at 4K, 1.14 / 2.24 / 2.00 at
+# 32K; Qwen3-30B GQA (4 KV heads) 0.07 / 0.07 / 0.71, 0.25 / 0.29 / 1.15, 1.64 / 1.92 / 3.68.
 DECODE_KERNEL_CONTEXT = 4096
 
 # Cached rows [..., width] -> keys [..., kv_heads, D] and values [..., kv_heads, Dv] (views), per layer type.
@@ -229,7 +230,8 @@ def attend_single_queries(
     longest = batch.per_step("longest_single_query", lambda: max(seq.context_len for seq in seqs))
     if cache.is_cpu:
         k, v = split_kv(cache)
-        if k.shape[1] > 1 or longest <= DECODE_KERNEL_CONTEXT:
+        on_tiles = k.dtype == torch.bfloat16 and decode_ops.attention_on_tiles()
+        if k.shape[1] > 1 or longest <= DECODE_KERNEL_CONTEXT or on_tiles:
             build = lambda: decode_rows(seqs, sliding_window)  # noqa: E731
             starts, ends, slots = batch.per_step(("decode_rows", sliding_window), build)
             out = decode_ops.decode_attention(q, k, v, starts, ends, scale, slots)

@@ -21,6 +21,8 @@
 #include <immintrin.h>
 #endif
 
+#include "amx_tiles.h"
+
 namespace {
 
 // ---- elements: fp32 or bf16 (raw bits), read and written as fp32 ----------------------------------------------
@@ -317,7 +319,7 @@ void block_scores(const Views& w, const float* q, const T* const* k, int64_t n, 
 }
 
 // A block's scores s [n][L] -> e^(s - m) per lane against the running maxima m [L], rounded to T (as torch rounds
-// the probabilities before the weighted sum); with vdpbf16ps also as bf16 pairs of consecutive rows, `pairs`
+// the probabilities before the weighted sum); bf16 also as pairs of consecutive rows when given `pairs`
 // [ceil(n / 2)][L] (an odd block's last row paired with 0). m and l (sums of the unrounded e^(s - m)) move on to
 // include the block; alpha [L] gets e^(old m - new m), the factor of the sums before it.
 template <class T>
@@ -333,8 +335,8 @@ void block_softmax(float* s, int64_t n, int64_t L, float* m, float* l, float* al
       vstore(s + i * L + c, round_lanes<T>(p));
     }
     vstore(m + c, top), vstore(l + c, sum), vstore(alpha + c, factor);
-    if constexpr (PAIR_DOT<T>)
-      for (int64_t i = 0; i < n; i += 2) {
+    if constexpr (std::is_same_v<T, uint16_t>)
+      for (int64_t i = 0; pairs && i < n; i += 2) {
         const vu low = (vu)vload(s + i * L + c) >> 16, high = i + 1 < n ? (vu)vload(s + (i + 1) * L + c) : vu{};
         const vu pair = low | (high & 0xffff0000u);  // (a NaN's low bits kept out of its neighbour)
         std::memcpy(pairs + i / 2 * L + c, &pair, sizeof pair);
@@ -412,21 +414,185 @@ void block_values(const Views& w, const float* p, const uint32_t* pairs, const T
       for (int64_t d = whole; d < w.Dv; ++d) acc[g * w.Dv + d] += p[i * w.L + g] * Elem<T>::load(v[i], d);
 }
 
+// ---- decode attention on AMX tiles (bf16; 16 query lanes a KV head; key and value widths multiples of 32) ----------
+// Scores as S^T = K Q^T: tiles of 16 cached rows by 32 key elements, loaded straight from the cache (copied when the
+// rows are not evenly spaced), times tiles of the queries' element pairs. Weighted sums as O += P V: the
+// probabilities transposed into [heads][32 rows] tiles, the values interleaved by pairs of rows into [16 pairs][16
+// columns] tiles, as vpunpck{l,h}wd interleave them: acc's columns come out in pair_column order.
+// Column t of a block of 32 value columns as the tiles of pairs leave them (vpunpcklwd's 16, then vpunpckhwd's).
+constexpr int64_t pair_column(int64_t t) { return t % 16 / 4 * 8 + t / 16 * 4 + t % 4; }
+
+#if KRASIS_AMX
+constexpr int64_t CHUNK_ROWS = 32, CHUNKS = BLOCK / CHUNK_ROWS;  // a block's rows, 32 to a tile of pairs
+static_assert(CHUNKS <= 4, "a block's probabilities take tiles 2-5");
+
+bool amx_fits(const Views& w) { return w.L == 16 && w.D % 32 == 0 && w.Dv % 32 == 0 && amx::permitted(); }
+
+// The queries' element pairs [D / 2][16] of one KV head (lanes past G zero): the right tiles of the scores, 16 pairs
+// (32 key elements) each.
+void pack_query_pairs(const uint16_t* q, int64_t G, int64_t D, uint32_t* out) {
+  std::fill(out, out + D / 2 * 16, 0u);
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t j = 0; j < D / 2; ++j) out[j * 16 + g] = q[g * D + 2 * j] | uint32_t(q[g * D + 2 * j + 1]) << 16;
+}
+
+// Rows [i, i + 16) of a block as a tile's source: (first row, bytes between rows) when they are evenly spaced, else
+// a copy of them in `gather` (rows past n zero).
+std::pair<const uint16_t*, int64_t> tile_rows(const uint16_t* const* k, int64_t i, int64_t n, int64_t D,
+                                              uint16_t* gather) {
+  if (i + amx::ROWS <= n) {
+    const int64_t step = k[i + 1] - k[i];
+    bool even = true;
+    for (int64_t r = 2; r < amx::ROWS && even; ++r) even = k[i + r] == k[i] + r * step;
+    if (even) return {k[i], step * int64_t(sizeof(uint16_t))};
+  }
+  for (int64_t r = 0; r < amx::ROWS; ++r) {
+    if (i + r < n) std::memcpy(gather + r * D, k[i + r], D * sizeof(uint16_t));
+    else std::memset(gather + r * D, 0, D * sizeof(uint16_t));
+  }
+  return {gather, D * int64_t(sizeof(uint16_t))};
+}
+
+// s [n][16] = round(K Q^T) * scale for a block's n rows k (as scores_tile rounds them): 32 rows at a time, the key
+// elements in steps of 32, the tiles of odd steps (5-7) apart from those of even ones (2-4) so loads overlap products.
+void amx_block_scores(const Views& w, const uint32_t* q, const uint16_t* const* k, int64_t n, float* s, float scale,
+                      uint16_t* gather) {
+  const int64_t steps = w.D / 32;
+  for (int64_t i = 0; i < n; i += 2 * amx::ROWS) {
+    const auto [low, low_stride] = tile_rows(k, i, n, w.D, gather);
+    const bool two = i + amx::ROWS < n;
+    const auto [high, high_stride] =
+        two ? tile_rows(k, i + amx::ROWS, n, w.D, gather + amx::ROWS * w.D) : std::pair{low, low_stride};
+    KRASIS_TILE_ZERO(0);
+    KRASIS_TILE_ZERO(1);
+// Step c's products into the sums 0 and 1: the queries' tile b, the two row groups' tiles a0 and a1 (tile numbers are
+// the instructions' operands, so literal).
+#define KRASIS_SCORE_STEP(c, a0, a1, b)                 \
+  do {                                                  \
+    KRASIS_TILE_LOAD(b, q + (c) * 16 * 16, 64);         \
+    KRASIS_TILE_LOAD(a0, low + (c) * 32, low_stride);   \
+    KRASIS_TILE_DOT(0, a0, b);                          \
+    if (two) {                                          \
+      KRASIS_TILE_LOAD(a1, high + (c) * 32, high_stride); \
+      KRASIS_TILE_DOT(1, a1, b);                        \
+    }                                                   \
+  } while (0)
+    int64_t c = 0;
+    for (; c + 1 < steps; c += 2) {
+      KRASIS_SCORE_STEP(c, 2, 3, 4);
+      KRASIS_SCORE_STEP(c + 1, 5, 6, 7);
+    }
+    if (c < steps) KRASIS_SCORE_STEP(c, 2, 3, 4);
+#undef KRASIS_SCORE_STEP
+    KRASIS_TILE_STORE(0, s + i * 16, 64);  // rows past n land inside the block's scores, unread
+    if (two) KRASIS_TILE_STORE(1, s + (i + amx::ROWS) * 16, 64);
+  }
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t c = 0; c < 16; c += VW)
+      vstore(s + i * 16 + c, round_lanes<uint16_t>(vload(s + i * 16 + c)) * vset1(scale));
+}
+
+// Columns [col, col + 32) of value rows 2r and 2r + 1 (zero past n) interleaved into pairs: 16 of them into
+// pairs[r / 16][0][r % 16], the other 16 into pairs[r / 16][1][r % 16] ([chunks][2][16 pairs][16 columns]).
+void interleave_rows(const uint16_t* const* v, int64_t n, int64_t col, int64_t chunks, uint32_t* pairs) {
+  for (int64_t r = 0; r < chunks * amx::ROWS; ++r) {
+    const uint16_t* x = 2 * r < n ? v[2 * r] + col : nullptr;
+    const uint16_t* y = 2 * r + 1 < n ? v[2 * r + 1] + col : nullptr;
+    uint32_t* low = pairs + ((r / 16 * 2) * 16 + r % 16) * 16;
+    uint32_t* high = low + 16 * 16;
+#if defined(__AVX512BW__)
+    const __m512i xv = x ? _mm512_loadu_si512(x) : _mm512_setzero_si512();
+    const __m512i yv = y ? _mm512_loadu_si512(y) : _mm512_setzero_si512();
+    _mm512_storeu_si512(low, _mm512_unpacklo_epi16(xv, yv));
+    _mm512_storeu_si512(high, _mm512_unpackhi_epi16(xv, yv));
+#else
+    for (int64_t t = 0; t < 32; ++t) {
+      const int64_t c = pair_column(t);
+      (t < 16 ? low : high)[t % 16] = (x ? x[c] : 0u) | uint32_t(y ? y[c] : 0u) << 16;
+    }
+#endif
+  }
+}
+
+// acc [16][Dv] (pair_column order) += P V over a block's n rows v: P [16][32 rows] in tiles 2-5, one per chunk of
+// rows, as pairs of rows (the transpose of block_softmax's `pairs` [n / 2][16]; lanes past G, rows past n zero); then
+// per 32 columns, the low and high tiles of the values' pairs (6, 7) into the column halves' sums (0, 1).
+void amx_block_values(const Views& w, const uint32_t* pairs, const uint16_t* const* v, int64_t n, float* acc,
+                      uint32_t* probs, uint32_t* value_pairs) {
+  const int64_t chunks = (n + CHUNK_ROWS - 1) / CHUNK_ROWS, whole_pairs = (n + 1) / 2;
+  for (int64_t c = 0; c < chunks; ++c)
+    for (int64_t h = 0; h < 16; ++h)
+      for (int64_t j = c * 16; j < c * 16 + 16; ++j)
+        probs[(c * 16 + h) * 16 + j % 16] = h < w.G && j < whole_pairs ? pairs[j * 16 + h] : 0u;
+  KRASIS_TILE_LOAD(2, probs, 64);
+  if (chunks > 1) KRASIS_TILE_LOAD(3, probs + 1 * 256, 64);
+  if (chunks > 2) KRASIS_TILE_LOAD(4, probs + 2 * 256, 64);
+  if (chunks > 3) KRASIS_TILE_LOAD(5, probs + 3 * 256, 64);
+  const int64_t row_bytes = w.Dv * int64_t(sizeof(float));
+  for (int64_t col = 0; col < w.Dv; col += 32) {
+    interleave_rows(v, n, col, chunks, value_pairs);
+    KRASIS_TILE_LOAD(0, acc + col, row_bytes);
+    KRASIS_TILE_LOAD(1, acc + col + 16, row_bytes);
+// Chunk c's pairs (tiles 6, 7) times its probabilities (tile a) into the sums 0 and 1.
+#define KRASIS_VALUE_CHUNK(c, a)                           \
+  do {                                                     \
+    KRASIS_TILE_LOAD(6, value_pairs + (c) * 2 * 256, 64);  \
+    KRASIS_TILE_LOAD(7, value_pairs + ((c) * 2 + 1) * 256, 64); \
+    KRASIS_TILE_DOT(0, a, 6);                              \
+    KRASIS_TILE_DOT(1, a, 7);                              \
+  } while (0)
+    KRASIS_VALUE_CHUNK(0, 2);
+    if (chunks > 1) KRASIS_VALUE_CHUNK(1, 3);
+    if (chunks > 2) KRASIS_VALUE_CHUNK(2, 4);
+    if (chunks > 3) KRASIS_VALUE_CHUNK(3, 5);
+#undef KRASIS_VALUE_CHUNK
+    KRASIS_TILE_STORE(0, acc + col, row_bytes);
+    KRASIS_TILE_STORE(1, acc + col + 16, row_bytes);
+  }
+}
+#endif
+
+
 template <class T>
 struct Scratch {  // one thread's: a block's scores, then probabilities, and their pairs; its row pointers; the state
-  std::vector<float> s, m, l, alpha, acc;
-  std::vector<uint32_t> pairs;
+  std::vector<float> s, m, l, alpha, acc;  // ([L][Dv]: whole tiles); on AMX, rows gathered for the score tiles, the
+  std::vector<uint32_t> pairs, value_pairs, probs;  // values' pairs and the probabilities as tiles
+  std::vector<uint16_t> gather;
   std::vector<const T*> keys, values;
-  explicit Scratch(const Views& w)
-      : s(BLOCK * w.L), m(w.L), l(w.L), alpha(w.L), acc(w.G * w.Dv), pairs((BLOCK / 2 + 1) * w.L),
+  Scratch(const Views& w, bool tiles)
+      : s(BLOCK * w.L), m(w.L), l(w.L), alpha(w.L), acc(w.L * w.Dv), pairs((BLOCK / 2 + 1) * w.L),
+        value_pairs(tiles ? BLOCK * 16 : 0), probs(tiles ? BLOCK * 8 : 0), gather(tiles ? 32 * w.D : 0),
         keys(BLOCK), values(BLOCK + 1) {}
 };
 
-// One item's unnormalized softmax state: m [G] (max score), l [G] (sum of e^(s - m)), acc [G][Dv] (sum of
-// e^(s - m) v, in column order). q: this KV head's packed queries.
+// A block's scores s [n][L] from its rows' keys, and its values' share of acc [G][Dv]: on AMX tiles when `tiles`.
 template <class T>
-void attend_item(const Views& w, const float* q, const T* k, const T* v, const Item& it, float scale, float* m,
-                 float* l, float* acc, Scratch<T>& x) {
+void block_scores_of(const Views& w, const float* q, int64_t n, float scale, bool tiles, Scratch<T>& x) {
+#if KRASIS_AMX
+  if constexpr (std::is_same_v<T, uint16_t>)
+    if (tiles) {
+      const auto* pairs = reinterpret_cast<const uint32_t*>(q);
+      return amx_block_scores(w, pairs, x.keys.data(), n, x.s.data(), scale, x.gather.data());
+    }
+#endif
+  block_scores<T>(w, q, x.keys.data(), n, x.s.data(), scale);
+}
+
+template <class T>
+void block_values_of(const Views& w, int64_t n, bool tiles, Scratch<T>& x) {
+#if KRASIS_AMX
+  if constexpr (std::is_same_v<T, uint16_t>)
+    if (tiles) return amx_block_values(w, x.pairs.data(), x.values.data(), n, x.acc.data(), x.probs.data(),
+                                       x.value_pairs.data());
+#endif
+  block_values<T>(w, x.s.data(), x.pairs.data(), x.values.data(), n, x.acc.data());
+}
+
+// One item's unnormalized softmax state: m [G] (max score), l [G] (sum of e^(s - m)), acc [G][Dv] (sum of
+// e^(s - m) v, in column order). q: this KV head's packed queries (their pairs on AMX tiles).
+template <class T>
+void attend_item(const Views& w, const float* q, const T* k, const T* v, const Item& it, float scale, bool tiles,
+                 float* m, float* l, float* acc, Scratch<T>& x) {
   std::fill(x.m.begin(), x.m.end(), -INFINITY);
   std::fill(x.l.begin(), x.l.end(), 0.f);
   std::fill(x.acc.begin(), x.acc.end(), 0.f);
@@ -438,22 +604,23 @@ void attend_item(const Views& w, const float* q, const T* k, const T* v, const I
       x.values[i] = v + it.h * w.vh + row * w.vn;
     }
     x.values[n] = x.values[n - 1];
-    block_scores<T>(w, q, x.keys.data(), n, x.s.data(), scale);
-    block_softmax<T>(x.s.data(), n, w.L, x.m.data(), x.l.data(), x.alpha.data(), x.pairs.data());
+    block_scores_of<T>(w, q, n, scale, tiles, x);
+    uint32_t* pairs = PAIR_DOT<T> || tiles ? x.pairs.data() : nullptr;  // for vdpbf16ps, or the AMX tiles
+    block_softmax<T>(x.s.data(), n, w.L, x.m.data(), x.l.data(), x.alpha.data(), pairs);
     for (int64_t g = 0; g < w.G; ++g)
       if (x.alpha[g] != 1.f)
 #pragma omp simd
         for (int64_t d = 0; d < w.Dv; ++d) x.acc[g * w.Dv + d] *= x.alpha[g];
-    block_values<T>(w, x.s.data(), x.pairs.data(), x.values.data(), n, x.acc.data());
+    block_values_of<T>(w, n, tiles, x);
   }
   std::copy(x.m.begin(), x.m.begin() + w.G, m);
   std::copy(x.l.begin(), x.l.begin() + w.G, l);
-  const int64_t whole = w.Dv - w.Dv % (2 * VW);
+  const int64_t width = tiles ? 32 : 2 * VW, whole = w.Dv - w.Dv % width;
   for (int64_t g = 0; g < w.G; ++g) {
     const float* from = x.acc.data() + g * w.Dv;
     float* to = acc + g * w.Dv;
-    for (int64_t col = 0; col < whole; col += 2 * VW)
-      for (int64_t t = 0; t < 2 * VW; ++t) to[col + packed_column<T>(t)] = from[col + t];
+    for (int64_t col = 0; col < whole; col += width)
+      for (int64_t t = 0; t < width; ++t) to[col + (tiles ? pair_column(t) : packed_column<T>(t))] = from[col + t];
     std::copy(from + whole, from + w.Dv, to + whole);
   }
 }
@@ -536,9 +703,23 @@ void attention_typed(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   at::Tensor packed = at::empty({B * Hkv * cells}, q.options().dtype(at::kFloat));
   const T* qp = static_cast<const T*>(qc.data_ptr());
   float* pp = packed.data_ptr<float>();
+#if KRASIS_AMX
+  const bool tiles = std::is_same_v<T, uint16_t> && amx_fits(w);
+#else
+  const bool tiles = false;
+#endif
   at::parallel_for(0, B * Hkv, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, G * D)),
                    [&](int64_t begin, int64_t end) {
-    for (int64_t bh = begin; bh < end; ++bh) pack_queries<T>(qp + bh * G * D, G, D, w.L, pp + bh * cells);
+    for (int64_t bh = begin; bh < end; ++bh) {
+#if KRASIS_AMX
+      if (tiles) {
+        pack_query_pairs(reinterpret_cast<const uint16_t*>(qp) + bh * G * D, G, D,
+                         reinterpret_cast<uint32_t*>(pp + bh * cells));
+        continue;
+      }
+#endif
+      pack_queries<T>(qp + bh * G * D, G, D, w.L, pp + bh * cells);
+    }
   });
   const std::vector<Item> items = plan_items(starts, ends, Hkv);
   const int64_t count = int64_t(items.size());
@@ -547,12 +728,18 @@ void attention_typed(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   const T* kp = static_cast<const T*>(k.data_ptr());
   const T* vp = static_cast<const T*>(v.data_ptr());
   at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
-    Scratch<T> scratch(w);
+    Scratch<T> scratch(w, tiles);
+#if KRASIS_AMX
+    if (tiles) amx::configure();
+#endif
     for (int64_t i = begin; i < end; ++i) {
       const Item& it = items[i];
-      attend_item<T>(w, pp + (it.b * Hkv + it.h) * cells, kp, vp, it, scale, m + i * G, l + i * G,
+      attend_item<T>(w, pp + (it.b * Hkv + it.h) * cells, kp, vp, it, scale, tiles, m + i * G, l + i * G,
                      acc + i * G * w.Dv, scratch);
     }
+#if KRASIS_AMX
+    if (tiles) amx::release();
+#endif
   });
   merge_items<T>(items, B, Hq, w, m, l, acc, static_cast<T*>(out.data_ptr()));
 }
@@ -569,6 +756,15 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   if (q.scalar_type() == at::kFloat) attention_typed<float>(q, k, v, slots, starts, ends, float(scale), out);
   else attention_typed<uint16_t>(q, k, v, slots, starts, ends, float(scale), out);
   return out;
+}
+
+// Whether bf16 decode attention runs its products on AMX tiles here (built for them, and the OS grants them).
+bool attention_on_tiles() {
+#if KRASIS_AMX
+  return amx::permitted();
+#else
+  return false;
+#endif
 }
 
 // ---- per-head products (MLA's absorbed kv_b_proj) ----------------------------------------------------------------
@@ -890,6 +1086,7 @@ at::Tensor rotary_interleaved(const at::Tensor& x, const at::Tensor& cos, const 
 #define KRASIS_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)  // expands KRASIS_OPS_NS before TORCH_LIBRARY pastes it
 KRASIS_LIBRARY(KRASIS_OPS_NS, m) {
   m.def("decode_attention", &decode_attention);
+  m.def("attention_on_tiles", &attention_on_tiles);
   m.def("heads_matmul", &heads_matmul);
   m.def("rms_norm", &rms_norm);
   m.def("add_rms_norm", &add_rms_norm);

@@ -1,8 +1,10 @@
 """The decode-step kernels of decode_ops.cpp: attention of one query per head over cached rows (the context split
-across threads), RMSNorm with the residual add before it, DeepSeek's interleaved rotary.
+across threads; bf16 products on AMX tiles where the CPU has them), RMSNorm with the residual add before it,
+DeepSeek's interleaved rotary.
 
-Built on first use with -march=native into torch's extensions cache, as the quant kernels are (`build.py`). Each op returns None for an input it does not take (a dtype, a layout); `ops()` is None where
-the extension cannot be built. Either way the callers keep their torch formulas.
+Built on first use with -march=native into torch's extensions cache, as the quant kernels are (`build.py`). Each op
+returns None for an input it does not take (a dtype, a layout); `ops()` is None where the extension cannot be built.
+Either way the callers keep their torch formulas.
 """
 
 import functools
@@ -14,12 +16,15 @@ import torch
 from krasis.common.kernels.cpu.build import build_or_warn, cpu_tag, load_extension
 
 _SOURCE = Path(__file__).with_name("decode_ops.cpp")
+_HEADERS = (Path(__file__).with_name("amx_tiles.h"),)
 
 
-def build_extension():
-    """Compile (or reuse the cached build of) decode_ops.cpp; returns its torch.ops namespace."""
-    name = f"krasis_decode_{cpu_tag()}_{hashlib.sha1(_SOURCE.read_bytes()).hexdigest()[:6]}"
-    return load_extension(name, _SOURCE, ["-O3", "-march=native", "-ffp-contract=off"])
+def build_extension(defines: tuple[str, ...] = ()):
+    """Compile (or reuse the cached build of) decode_ops.cpp with these macros defined (`NAME` or `NAME=VALUE`;
+    tests build KRASIS_AMX_EMULATE); returns its torch.ops namespace."""
+    digest = hashlib.sha1(b"".join(path.read_bytes() for path in (_SOURCE, *_HEADERS)) + repr(defines).encode())
+    flags = ["-O3", "-march=native", "-ffp-contract=off", *(f"-D{define}" for define in defines)]
+    return load_extension(f"krasis_decode_{cpu_tag()}_{digest.hexdigest()[:6]}", _SOURCE, flags)
 
 
 @functools.cache
@@ -43,6 +48,13 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: 
     if kernels is None:
         return None
     return kernels.decode_attention(q, k, v, _NO_SLOTS if slots is None else slots, starts, ends, scale)
+
+
+@functools.cache
+def attention_on_tiles() -> bool:
+    """Whether bf16 decode attention multiplies on AMX tiles on this CPU (False where the kernels are not built)."""
+    kernels = ops()
+    return kernels is not None and kernels.attention_on_tiles()
 
 
 def heads_matmul(x: torch.Tensor, w: torch.Tensor, transposed: bool) -> torch.Tensor | None:
