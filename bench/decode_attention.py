@@ -10,6 +10,8 @@ that git revision's kernel (built from its decode_ops.cpp), for a before/after o
 """
 
 import argparse
+import hashlib
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -55,17 +57,21 @@ def torch_path(q, k, v, starts, ends, scale, slots):
 
 
 def kernel_at(rev: str):
-    """decode_attention of the decode_ops.cpp (and its headers) committed at `rev`, built under a name of its own."""
+    """decode_attention of the decode_ops.cpp (and its headers) committed at `rev`, or kept in the directory `rev` (a
+    machine given the tree without its history), built under a name of its own."""
     repo = Path(__file__).resolve().parent.parent
     target = Path(tempfile.mkdtemp())
     for name in ("decode_ops.cpp", "amx_tiles.h"):
+        if Path(rev).is_dir():
+            if (Path(rev) / name).exists():
+                shutil.copy(Path(rev) / name, target / name)
+            continue
         shown = subprocess.run(["git", "show", f"{rev}:{SOURCES}/{name}"], cwd=repo, capture_output=True)
         if shown.returncode == 0:
             (target / name).write_bytes(shown.stdout)
-    commit = subprocess.run(["git", "rev-parse", "--short", rev], cwd=repo, check=True, capture_output=True, text=True)
+    tag = hashlib.sha1(b"".join(path.read_bytes() for path in sorted(target.iterdir()))).hexdigest()[:8]
     flags = ["-O3", "-march=native", "-ffp-contract=off"]
-    return with_slots(load_extension(f"krasis_decode_{cpu_tag()}_at_{commit.stdout.strip()}", target / "decode_ops.cpp",
-                                     flags))  # fmt: skip
+    return with_slots(load_extension(f"krasis_decode_{cpu_tag()}_at_{tag}", target / "decode_ops.cpp", flags))
 
 
 def kernel_with(defines: str):
@@ -145,7 +151,8 @@ def parse_args():
                         help="a shape of one's own (a single KV head with V_DIM < DIM: values within the keys)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16], help="sequences a call (16: up to 4K)")
     parser.add_argument("--paged", action="store_true", help="rows through shuffled slots (pages of 16)")
-    parser.add_argument("--against", help="also time the kernel of this git revision (e.g. HEAD)")
+    parser.add_argument("--against", help="also time the kernel of this git revision (e.g. HEAD), or of the sources "
+                        "in this directory")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=MACROS",
                         help="also time the working tree's kernel built with these macros (A=1,B=0)")
     parser.add_argument("--ring-mib", type=int, default=RING_BYTES >> 20,
