@@ -77,3 +77,17 @@ def test_rotations_equal_the_reference_formulas_bit_for_bit():
     even, odd = part[..., 0::2], part[..., 1::2]
     expected = torch.stack((even * cos[:, None] - odd * sin[:, None], even * sin[:, None] + odd * cos[:, None]), -1)
     assert torch.equal(apply_rotary_interleaved(part, interleaved_tables(cos, sin)), expected.flatten(-2))
+
+
+def test_decode_reads_weights_replaced_after_a_step(checkpoint_dirs):  # noqa: F811
+    """MLA keeps kv_b_proj's absorbed views and the router its transposed gate weight from step to step: new weight
+    data (a reload, a .to()) must reach the next step, bit for bit as in a model that never decoded with the old."""
+    stepped, fresh = (load_model(checkpoint_dirs("deepseek_v2-lite"), dtype=torch.float32) for _ in range(2))
+    before = decode_step_hidden(stepped)
+    for model in (stepped, fresh):
+        for name, param in model.named_parameters():
+            if name.endswith(("kv_b_proj.weight", "mlp.gate.weight")):
+                param.data = param.data.flip(0)  # other heads' rows, other experts' scores
+    after = decode_step_hidden(stepped)
+    assert not torch.equal(after, before)
+    assert torch.equal(after, decode_step_hidden(fresh))

@@ -48,30 +48,35 @@ class MLAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank)
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.v_dim, hidden, bias=bias)
-        self._dequantized_kv_b: tuple[nn.Module, torch.Tensor] | None = None  # (quantized kv_b_proj, its weight)
+        # Kept from step to step, each with what it was made from: views cost torch ops (~5 us a layer each step)
+        self._absorb: tuple[object, torch.Tensor, torch.Tensor] | None = None  # (kv_b_proj's weight, W_UK, W_UV)
+        self._cache_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (CPU cache layer, keys, values)
 
     @property
     def kv_width(self) -> int:
         return self.kv_lora_rank + self.rope_dim
 
     def _queries(self, x: torch.Tensor) -> torch.Tensor:
+        modules = self._modules  # not self.q_proj, ...: each is a Module.__getattr__ call (~1 us)
         if self.q_lora_rank is None:
-            return self.q_proj(x)
-        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            return modules["q_proj"](x)
+        return modules["q_b_proj"](modules["q_a_layernorm"](modules["q_a_proj"](x)))
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         # x: [T, H]
-        tokens, heads = x.shape[0], self.num_heads
+        tokens, heads, modules = x.shape[0], self.num_heads, self._modules  # _modules: as in _queries
         # Tensor methods, not indexing or Tensor.split: each of those costs a few microseconds more a call
         q_nope, q_pe = self._queries(x).view(tokens, heads, -1).split_with_sizes([self.nope_dim, self.rope_dim], -1)
-        latent, k_pe = self.kv_a_proj_with_mqa(x).split_with_sizes([self.kv_lora_rank, self.rope_dim], -1)
-        latent = self.kv_a_layernorm(latent)
-        # the queries' and the shared key's rope parts in one rotation: [T, heads + 1, rope]
-        rope_parts = torch.cat((q_pe, k_pe.unsqueeze(1)), dim=1)
-        roped = apply_rotary_interleaved(rope_parts, self.rotary.interleaved_tables(batch))
-        q_pe, k_pe = roped.narrow(1, 0, heads), roped.select(1, heads)
-        batch.kv.write(self.layer_idx, batch.write_slots, torch.cat((latent, k_pe), dim=-1))
-        return self.o_proj(self._attend(q_nope, q_pe, batch).reshape(tokens, -1))
+        # the latent and the shared key as one head, [T, 1, kv_lora] and [T, 1, rope]: the norm and the rotation take
+        # them as they are, and the queries' and the key's rope parts rotate in a call each (rotating them together
+        # took a cat and two views, 5 more torch ops)
+        kv_a = modules["kv_a_proj_with_mqa"](x).view(tokens, 1, -1)
+        latent, k_pe = kv_a.split_with_sizes([self.kv_lora_rank, self.rope_dim], -1)
+        tables = self.rotary.interleaved_tables(batch)
+        q_pe, k_pe = apply_rotary_interleaved(q_pe, tables), apply_rotary_interleaved(k_pe, tables)
+        cached = torch.cat((modules["kv_a_layernorm"](latent), k_pe), dim=-1).view(tokens, -1)  # [T, kv_lora + rope]
+        batch.kv.write(self.layer_idx, batch.write_slots, cached)
+        return modules["o_proj"](self._attend(q_nope, q_pe, batch).reshape(tokens, -1))
 
     def _attend(self, q_nope: torch.Tensor, q_pe: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """Roped queries q_nope [T, heads, nope], q_pe [T, heads, rope] over each sequence's cache -> [T, heads, v]."""
@@ -116,11 +121,19 @@ class MLAttention(nn.Module):
     def _attend_latent(self, q_absorbed: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """The step's one-query sequences (batch.single_queries), absorbed queries [B, heads, kv_lora + rope], in the
         latent space -> [B, heads, kv_lora] before W_UV."""
+        cache = batch.kv.layers[self.layer_idx]
+        # A CPU decode pool's layer lives as long as the pool: its views are made once. Never a GPU layer's, which
+        # the views would keep alive (prefill stages a layer at a time).
+        if cache.is_cpu and (self._cache_kv is None or self._cache_kv[0] is not cache):
+            keys = cache.unsqueeze(-2)
+            self._cache_kv = (cache, keys, keys.narrow(-1, 0, self.kv_lora_rank))
         return attend_single_queries(q_absorbed, batch, self.layer_idx, self._latent_kv, self.scale, None)
 
     def _latent_kv(self, cached: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached rows [..., kv_lora + rope] -> one shared KV head: keys the rows as they are, values their latent
         part, [..., 1, kv_lora + rope] and [..., 1, kv_lora] (views)."""
+        if self._cache_kv is not None and cached is self._cache_kv[0]:
+            return self._cache_kv[1], self._cache_kv[2]
         keys = cached.unsqueeze(-2)
         return keys, keys.narrow(-1, 0, self.kv_lora_rank)
 
@@ -153,17 +166,15 @@ class MLAttention(nn.Module):
         return torch.bmm(out_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
 
     def _absorb_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W_UK [heads, nope, kv_lora], W_UV [heads, v, kv_lora]): kv_b_proj's key and value rows (views)."""
-        return self._kv_b_weight(dtype).split_with_sizes([self.nope_dim, self.v_dim], 1)
-
-    def _kv_b_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """kv_b_proj's weight as [heads, nope + v, kv_lora]. A quantized one is dequantized once and kept in `dtype`
-        (V2-Lite: 16 x 256 x 512, 4 MB a layer in bf16), since absorption reads it whole every step."""
-        proj = self.kv_b_proj
-        if isinstance(proj, nn.Linear):
-            weight = proj.weight
-        else:
-            if self._dequantized_kv_b is None or self._dequantized_kv_b[0] is not proj:
-                self._dequantized_kv_b = (proj, dequantize(proj.weight_q, dtype))
-            weight = self._dequantized_kv_b[1]
-        return weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        """(W_UK [heads, nope, kv_lora], W_UV [heads, v, kv_lora]): kv_b_proj's key and value rows, made once for the
+        weight they come from. A quantized one is dequantized once and kept in `dtype` (V2-Lite: 16 x 256 x 512, 4 MB a
+        layer in bf16), since absorption reads it whole every step."""
+        proj = self._modules["kv_b_proj"]
+        quantized = not isinstance(proj, nn.Linear)
+        # new weight data (loading, .to()): new views
+        source = proj if quantized else proj._parameters["weight"].data_ptr()
+        if self._absorb is None or self._absorb[0] != source:
+            weight = dequantize(proj.weight_q, dtype) if quantized else proj.weight
+            heads = weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+            self._absorb = (source, *heads.split_with_sizes([self.nope_dim, self.v_dim], 1))
+        return self._absorb[1], self._absorb[2]

@@ -22,4 +22,5 @@ class GatedMLP(nn.Module):
         self.act_fn = activation(hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        modules = self._modules  # not self.gate_proj, ...: each is a Module.__getattr__ call (~1 us)
+        return modules["down_proj"](self.act_fn(modules["gate_proj"](x)) * modules["up_proj"](x))

@@ -24,7 +24,7 @@ class PreNormDecoderLayer(nn.Module):
 
     @property
     def token_mixer(self) -> nn.Module:
-        return getattr(self, self.mixer_name)
+        return self._modules[self.mixer_name]
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         x, mlp_out = self.forward_unsummed(x, None, batch)
@@ -37,12 +37,13 @@ class PreNormDecoderLayer(nn.Module):
         output not yet added (None before the first layer); returns the residual stream after attention and this
         layer's MLP output. The add runs inside the norm's kernel call on the CPU in bf16 (one call a layer less),
         with the same roundings."""
+        modules = self._modules  # not self.mlp, ...: each is a Module.__getattr__ call (~1 us), 4 a layer
         if pending is None:
-            h = self.input_layernorm(x)
+            h = modules["input_layernorm"](x)
         else:
-            x, h = self.input_layernorm.add_and_norm(x, pending)
-        x, h = self.post_attention_layernorm.add_and_norm(x, self.token_mixer(h, batch))
-        return x, self.mlp(h)
+            x, h = modules["input_layernorm"].add_and_norm(x, pending)
+        x, h = modules["post_attention_layernorm"].add_and_norm(x, modules[self.mixer_name](h, batch))
+        return x, modules["mlp"](h)
 
 
 class DecoderModel(nn.Module):

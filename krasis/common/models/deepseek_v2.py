@@ -3,7 +3,6 @@
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from krasis.common.layers.mla import MLAttention
@@ -106,11 +105,13 @@ class DeepseekV2MoE(nn.Module):
         if cfg.n_shared_experts:
             shared_size = cfg.moe_intermediate_size * cfg.n_shared_experts
             self.shared_experts = GatedMLP(cfg.hidden_size, shared_size, cfg.hidden_act, cfg.mlp_bias)
+        self._gate_t: tuple[int, torch.Tensor] | None = None  # (gate.weight's data_ptr, gate.weight.t())
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Router in fp32 (the reference keeps gate.weight fp32) -> weights, ids [T, K]."""
         cfg = self.cfg
-        scores = torch.softmax(F.linear(x.float(), self.gate.weight.float()), dim=-1)
+        # x [T, H]: F.linear's own product, torch.mm by the transposed weight, without its 5 other ops every layer
+        scores = torch.softmax(torch.mm(x.float(), self._gate_weight_t().float()), dim=-1)
         if cfg.topk_method == "greedy":
             weights, ids = torch.topk(scores, k=cfg.num_experts_per_tok, dim=-1, sorted=False)
         else:
@@ -122,11 +123,19 @@ class DeepseekV2MoE(nn.Module):
             weights = weights * cfg.routed_scaling_factor
         return weights, ids
 
+    def _gate_weight_t(self) -> torch.Tensor:
+        """gate.weight.t() [H, E], a view made once for the weight's data (new data after loading or .to(), a new
+        view). Already fp32 (fp32_parameters), so route's .float() of it copies nothing."""
+        weight = self._modules["gate"]._parameters["weight"]  # not self.gate.weight: two Module.__getattr__ calls
+        if self._gate_t is None or self._gate_t[0] != weight.data_ptr():
+            self._gate_t = (weight.data_ptr(), weight.t())
+        return self._gate_t[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, H]
         weights, ids = self.route(x)
-        out = self.experts(x, ids, weights)
-        shared = self.shared_experts  # each read of a submodule is a Module.__getattr__ call
+        modules = self._modules  # each read of a submodule by attribute is a Module.__getattr__ call
+        out, shared = modules["experts"](x, ids, weights), modules.get("shared_experts")  # absent when None
         return out if shared is None else out + shared(x)
 
 
