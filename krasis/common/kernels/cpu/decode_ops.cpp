@@ -924,54 +924,63 @@ void row_groups(const T* base, int64_t row_stride, const int64_t* slots, int64_t
 constexpr int64_t HEAD_BLOCK = 128;  // weight rows (or columns) of one work item: 16 heads of 512 give 64 items
 
 template <class T>
-void heads_matmul_typed(const at::Tensor& xh, const at::Tensor& xraw, const at::Tensor& w, bool transposed,
-                        at::Tensor& yh) {
-  // xh fp32 and xraw as given [H, M, K] (the rows of each head together), yh fp32 [H, M, N]
-  const int64_t H = xh.size(0), M = xh.size(1), K = xh.size(2), N = yh.size(2);
-  const float* xp = xh.data_ptr<float>();
-  float* yp = yh.data_ptr<float>();
+void heads_matmul_typed(const at::Tensor& x, const at::Tensor& w, bool transposed, at::Tensor& y) {
+  // x [M, H, K] (unit last stride), y [M, H, N], both in T; per head its M rows: as given (xraw, the rows vdpbf16ps
+  // multiplies), in fp32 (xh), fp32 packed by steps, and the fp32 sums yh, all [H, M, ...]
+  const int64_t M = x.size(0), H = x.size(1), K = x.size(2), N = y.size(2);
+  std::vector<T> xraw(H * M * K);
+  std::vector<float> xh(H * M * K), packed(H * M * K), yh(H * M * N);
+  const T* xp = static_cast<const T*>(x.data_ptr());
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t m = 0; m < M; ++m) {
+      const T* row = xp + m * x.stride(0) + h * x.stride(1);
+      const int64_t at = (h * M + m) * K;
+      std::copy(row, row + K, xraw.begin() + at);
+      for (int64_t k = 0; k < K; ++k) xh[at + k] = Elem<T>::load(row, k);
+      Steps<T>::pack(xh.data() + at, packed.data() + at, K);
+    }
   const T* wp = static_cast<const T*>(w.data_ptr());
   const int64_t blocks = (N + HEAD_BLOCK - 1) / HEAD_BLOCK;
-  at::Tensor packed = at::empty_like(xh);
-  for (int64_t row = 0; row < H * M; ++row) Steps<T>::pack(xp + row * K, packed.data_ptr<float>() + row * K, K);
   at::parallel_for(0, H * blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(M * HEAD_BLOCK);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t h = item / blocks, n0 = item % blocks * HEAD_BLOCK, n1 = std::min(N, n0 + HEAD_BLOCK);
-      const float* x = xp + h * M * K;
-      float* y = yp + h * M * N;
+      const float* xrows = xh.data() + h * M * K;
+      float* yrows = yh.data() + h * M * N;
       const T* wh = wp + h * w.stride(0);
       if (transposed) {  // y[m][n] = x_m . w[n]: the rows of w are the keys of `scores_rows`
-        const Queries q{packed.data_ptr<float>() + h * M * K, x,
-                        static_cast<const uint16_t*>(xraw.data_ptr()) + h * M * K};
+        const Queries q{packed.data() + h * M * K, xrows, reinterpret_cast<const uint16_t*>(xraw.data()) + h * M * K};
         row_groups(wh, w.stride(1), nullptr, n0, n1, [&]<int NR>(const T* const* rows, int64_t i) {
-          scores_rows<T, NR>(q, rows, M, K, y + n0 + i, N, 1.0f);
+          scores_rows<T, NR>(q, rows, M, K, yrows + n0 + i, N, 1.0f);
         });
       } else {  // y[m] = sum_k x[m][k] w[k]: the rows of w are the values of `values_rows`, columns [n0, n1)
         const int64_t width = n1 - n0;
         std::fill(acc.begin(), acc.begin() + M * width, 0.f);
         row_groups(wh + n0, w.stride(1), nullptr, 0, K, [&]<int NR>(const T* const* rows, int64_t k) {
-          values_rows<T, NR>(x + k, K, rows, M, width, acc.data());
+          values_rows<T, NR>(xrows + k, K, rows, M, width, acc.data());
         });
-        for (int64_t m = 0; m < M; ++m) Steps<T>::unpack(acc.data() + m * width, y + m * N + n0, width);
+        for (int64_t m = 0; m < M; ++m) Steps<T>::unpack(acc.data() + m * width, yrows + m * N + n0, width);
       }
     }
   });
+  T* out = static_cast<T*>(y.data_ptr());
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t n = 0; n < N; ++n) Elem<T>::store(out, (m * H + h) * N + n, yh[(h * M + m) * N + n]);
 }
 
 // x [M, H, K]; w [H, N, K] when `transposed` (y_h = x_h w_h^T, as F.linear per head), else [H, K, N] (y_h = x_h w_h);
-// w any strides with the last 1 (a view of kv_b_proj's weight) -> y [M, H, N] in x's dtype, sums in fp32.
+// x and w any strides with the last 1 (w: a view of kv_b_proj's weight) -> y [M, H, N] in x's dtype, sums in fp32.
 at::Tensor heads_matmul(const at::Tensor& x, const at::Tensor& w, bool transposed) {
   const auto dtype = x.scalar_type();
   if ((dtype != at::kFloat && dtype != at::kBFloat16) || w.scalar_type() != dtype || x.dim() != 3 || w.dim() != 3 ||
       x.device().type() != at::kCPU || w.device().type() != at::kCPU || w.stride(2) != 1 || w.size(0) != x.size(1) ||
-      w.size(transposed ? 2 : 1) != x.size(2))
+      w.size(transposed ? 2 : 1) != x.size(2) || (x.size(2) > 1 && x.stride(2) != 1))
     return at::Tensor();
-  const at::Tensor xraw = x.transpose(0, 1).contiguous(), xh = xraw.to(at::kFloat);  // [H, M, K]
-  at::Tensor yh = at::empty({x.size(1), x.size(0), w.size(transposed ? 1 : 2)}, xh.options());
-  if (dtype == at::kFloat) heads_matmul_typed<float>(xh, xraw, w, transposed, yh);
-  else heads_matmul_typed<uint16_t>(xh, xraw, w, transposed, yh);
-  return yh.transpose(0, 1).to(dtype).contiguous();
+  at::Tensor y = at::empty({x.size(0), x.size(1), w.size(transposed ? 1 : 2)}, x.options());
+  if (dtype == at::kFloat) heads_matmul_typed<float>(x, w, transposed, y);
+  else heads_matmul_typed<uint16_t>(x, w, transposed, y);
+  return y;
 }
 
 constexpr int64_t PARALLEL_ELEMENTS = 1 << 15;  // less elementwise work than this: one thread (waking more costs more)

@@ -236,9 +236,19 @@ void parallel_chunks(int64_t total, const F& fn, int64_t grain = 1) {
   });
 }
 
-// x [M, K] (fp32 or bf16) -> contiguous fp32.
-at::Tensor as_fp32(const at::Tensor& x) {
-  return x.scalar_type() == at::kFloat ? x.contiguous() : x.to(at::kFloat).contiguous();
+// x [M, K] (fp32 or bf16) as contiguous fp32 rows: x's own memory when it is that already, else widened into
+// `buffer` (a decode step's linears are small: torch ops for the copy would cost more than the copy).
+const float* fp32_rows(const at::Tensor& x, std::vector<float>& buffer) {
+  if (x.scalar_type() == at::kFloat && x.is_contiguous()) return x.data_ptr<float>();
+  const int64_t m = x.size(0), k = x.size(1), row = x.stride(0), column = x.stride(1);
+  const bool fp32 = x.scalar_type() == at::kFloat;
+  const auto* f = static_cast<const float*>(x.data_ptr());
+  const auto* h = static_cast<const uint16_t*>(x.data_ptr());
+  buffer.resize(m * k);
+  for (int64_t j = 0; j < m; ++j)
+    for (int64_t i = 0; i < k; ++i)
+      buffer[j * k + i] = fp32 ? f[j * row + i * column] : bf16_to_float(h[j * row + i * column]);
+  return buffer.data();
 }
 
 // M rows of fp32 x for a weight format: row pointers (q8), or the int8 rows they quantize to (q4).
@@ -288,19 +298,26 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tens
     return at::Tensor();  // None in Python: quant_linear validated, so this is a wrapper bug
   const int64_t m = x.size(0), k = x.size(1);
   const int64_t n = qweight.size(0);
-  at::Tensor xf = as_fp32(x);
-  at::Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat));
-  const Activations xs(static_cast<int>(fmt), xf.data_ptr<float>(), m, k);
+  std::vector<float> x_buffer, sums_buffer;
+  const Activations xs(static_cast<int>(fmt), fp32_rows(x, x_buffer), m, k);
+  at::Tensor y = at::empty({m, n}, x.options());  // in x's dtype: bf16 rounded from the fp32 sums tile by tile
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  if (bf16) sums_buffer.resize(m * n);
+  float* sums = bf16 ? sums_buffer.data() : static_cast<float*>(y.data_ptr());
+  auto* out_bf16 = static_cast<uint16_t*>(y.data_ptr());
   const QMatrix w = matrix_view(qweight, scales, group, k, 0);
   parallel_chunks((n + NR - 1) / NR, [&](int64_t begin, int64_t end) {
     std::vector<float*> ys(m);
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t n0 = t * NR;
-      for (int64_t j = 0; j < m; ++j) ys[j] = y.data_ptr<float>() + j * n + n0;
-      gemv_tile_fmt(static_cast<int>(fmt), w, n0, std::min<int64_t>(NR, n - n0), xs.rows(), ys.data(), m);
+      const int64_t n0 = t * NR, width = std::min<int64_t>(NR, n - n0);
+      for (int64_t j = 0; j < m; ++j) ys[j] = sums + j * n + n0;
+      gemv_tile_fmt(static_cast<int>(fmt), w, n0, width, xs.rows(), ys.data(), m);
+      if (bf16)
+        for (int64_t j = 0; j < m; ++j)
+          for (int64_t r = 0; r < width; ++r) out_bf16[j * n + n0 + r] = float_to_bf16(ys[j][r]);
     }
   });
-  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  return y;
 }
 
 #include "moe_layer.h"
