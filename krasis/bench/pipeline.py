@@ -27,6 +27,7 @@ class RequestTiming:
     tokenize_s: float
     decode_tokens: int
     decode_s: float  # the decode steps after the hand-off (0 when none were asked for)
+    decode_step_s: tuple[float, ...] = ()  # each of those steps: a slow one stands out from the total
 
 
 class BenchPipeline:
@@ -65,10 +66,10 @@ class BenchPipeline:
         try:
             hand_off = self._prefill(AddRequest(f"bench-{prompt_tokens}", ids, params, pages, self.state_slot))
             ttft_s = time.perf_counter() - start
-            decode_s = self._decode(hand_off, decode_tokens)
+            step_s = self._decode(hand_off, decode_tokens)
         finally:
             self.allocator.free(pages)
-        return RequestTiming(prompt_tokens, ttft_s, tokenize_s, decode_tokens, decode_s)
+        return RequestTiming(prompt_tokens, ttft_s, tokenize_s, decode_tokens, sum(step_s), step_s)
 
     def _prefill(self, request: AddRequest):
         self.prefill.add(request)
@@ -79,14 +80,16 @@ class BenchPipeline:
             torch.cuda.synchronize()  # the KV copies into the pool are done before the clock stops
         return hand_offs[0]
 
-    def _decode(self, hand_off, decode_tokens: int) -> float:
+    def _decode(self, hand_off, decode_tokens: int) -> tuple[float, ...]:
+        """Seconds of each decode step after the hand-off."""
         if decode_tokens == 0:
-            return 0.0
+            return ()
         self.decode.add(hand_off)
-        start, steps = time.perf_counter(), 0
+        steps, step_s = 0, []
         while self.decode.has_work:
+            start = time.perf_counter()
             steps += len(self.decode.step())
-        seconds = time.perf_counter() - start
+            step_s.append(time.perf_counter() - start)
         if steps != decode_tokens:
             raise RuntimeError(f"decode gave {steps} tokens, expected {decode_tokens}")
-        return seconds
+        return tuple(step_s)
