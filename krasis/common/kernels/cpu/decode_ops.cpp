@@ -419,6 +419,7 @@ void block_values(const Views& w, const float* p, const uint32_t* pairs, const T
 // rows are not evenly spaced), times tiles of the queries' element pairs. Weighted sums as O += P V: the
 // probabilities transposed into [heads][32 rows] tiles, the values interleaved by pairs of rows into [16 pairs][16
 // columns] tiles, as vpunpck{l,h}wd interleave them: acc's columns come out in pair_column order.
+
 // Column t of a block of 32 value columns as the tiles of pairs leave them (vpunpcklwd's 16, then vpunpckhwd's).
 constexpr int64_t pair_column(int64_t t) { return t % 16 / 4 * 8 + t / 16 * 4 + t % 4; }
 
@@ -467,7 +468,7 @@ void amx_block_scores(const Views& w, const uint32_t* q, const uint16_t* const* 
     KRASIS_TILE_ZERO(1);
     const int64_t ahead = std::min<int64_t>(n - std::min(n, i + 2 * amx::ROWS), 2 * amx::ROWS);
     // Line c of the block's next 32 rows into L2 at step c: their tiles then load from L2, not at a demand miss's
-    // latency (32K MLA on 16 Xeon cores: 1.26 -> 1.11 ms a layer).
+    // latency (32K MLA on 16 Xeon cores: 1.26 -> 1.11 ms a layer in one run; runs differ by ~15%).
     const auto fetch_line = [&](int64_t c) {
       for (int64_t r = 0; r < ahead; ++r) __builtin_prefetch(k[i + 2 * amx::ROWS + r] + c * 32, 0, 2);
     };
@@ -558,7 +559,6 @@ void amx_block_values(const Views& w, const uint32_t* pairs, const uint16_t* con
   }
 }
 #endif
-
 
 template <class T>
 struct Scratch {  // one thread's: a block's scores, then probabilities, and their pairs; its row pointers; the state
