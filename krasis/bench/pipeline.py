@@ -26,8 +26,11 @@ class RequestTiming:
     ttft_s: float  # text in -> first token out, with its KV in the shared pool
     tokenize_s: float
     decode_tokens: int
-    decode_s: float  # the decode steps after the hand-off (0 when none were asked for)
-    decode_step_s: tuple[float, ...] = ()  # each of those steps: a slow one stands out from the total
+    decode_step_s: tuple[float, ...]  # each decode step after the hand-off (none when none were asked for)
+
+    @property
+    def decode_s(self) -> float:
+        return sum(self.decode_step_s)
 
 
 class BenchPipeline:
@@ -69,7 +72,7 @@ class BenchPipeline:
             step_s = self._decode(hand_off, decode_tokens)
         finally:
             self.allocator.free(pages)
-        return RequestTiming(prompt_tokens, ttft_s, tokenize_s, decode_tokens, sum(step_s), step_s)
+        return RequestTiming(prompt_tokens, ttft_s, tokenize_s, decode_tokens, step_s)
 
     def _prefill(self, request: AddRequest):
         self.prefill.add(request)

@@ -77,7 +77,9 @@ def run_bench(options: BenchOptions) -> tuple[dict, list[Figure]]:
         "seed": options.seed, "prefill_plan": prefill.plan, "streamed_bytes": prefill.streamed_bytes,
         "cache": {"path": str(cache), "bytes": sum(f.stat().st_size for f in cache.iterdir())},
         "limits": limits, "limits_text": _limits_text(limits),
-        "timings": {n: {**vars(t), "first_ttft_s": first_ttft.get(n)} for n, t in timings.items()},
+        "timings": {
+            n: {**vars(t), "decode_s": t.decode_s, "first_ttft_s": first_ttft.get(n)} for n, t in timings.items()
+        },
         "decode_bytes_per_token": bytes_per_token, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "torch": torch.__version__,
     }  # fmt: skip

@@ -230,8 +230,9 @@ def attend_single_queries(
     longest = batch.per_step("longest_single_query", lambda: max(seq.context_len for seq in seqs))
     if cache.is_cpu:
         k, v = split_kv(cache)
-        on_tiles = k.dtype == torch.bfloat16 and decode_ops.attention_on_tiles()
-        if k.shape[1] > 1 or longest <= DECODE_KERNEL_CONTEXT or on_tiles:
+        if k.shape[1] > 1 or longest <= DECODE_KERNEL_CONTEXT or (
+            k.dtype == torch.bfloat16 and decode_ops.attention_on_tiles()
+        ):
             build = lambda: decode_rows(seqs, sliding_window)  # noqa: E731
             starts, ends, slots = batch.per_step(("decode_rows", sliding_window), build)
             out = decode_ops.decode_attention(q, k, v, starts, ends, scale, slots)

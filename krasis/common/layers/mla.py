@@ -125,13 +125,12 @@ class MLAttention(nn.Module):
         # A CPU decode pool's layer lives as long as the pool: its views are made once. Never a GPU layer's, which
         # the views would keep alive (prefill stages a layer at a time).
         if cache.is_cpu and (self._cache_kv is None or self._cache_kv[0] is not cache):
-            keys = cache.unsqueeze(-2)
-            self._cache_kv = (cache, keys, keys.narrow(-1, 0, self.kv_lora_rank))
+            self._cache_kv = (cache, *self._latent_kv(cache))
         return attend_single_queries(q_absorbed, batch, self.layer_idx, self._latent_kv, self.scale, None)
 
     def _latent_kv(self, cached: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached rows [..., kv_lora + rope] -> one shared KV head: keys the rows as they are, values their latent
-        part, [..., 1, kv_lora + rope] and [..., 1, kv_lora] (views)."""
+        part, [..., 1, kv_lora + rope] and [..., 1, kv_lora] (views; the CPU pool layer's as made once)."""
         if self._cache_kv is not None and cached is self._cache_kv[0]:
             return self._cache_kv[1], self._cache_kv[2]
         keys = cached.unsqueeze(-2)

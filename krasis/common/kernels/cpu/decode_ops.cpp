@@ -210,23 +210,25 @@ void dispatch(int64_t n, const F& fn) {
 }
 
 // The G query rows [G][D] of one KV head as the score tiles read them: 4-byte cells [steps][QUERY_PARTS][L], a step
-// KEY_STEP key elements; bf16 pairs as stored for vdpbf16ps, else fp32 (bf16: the step's even elements, then its
-// odd ones). Lanes past G, and the element past an odd D, are zero.
+// KEY_STEP key elements; bf16 pairs as stored for vdpbf16ps (and for AMX tiles: `pairs`, one part a step), else
+// fp32 (bf16: the step's even elements, then its odd ones). Lanes past G, and the element past an odd D, are zero.
 template <class T>
-void pack_queries(const T* q, int64_t G, int64_t D, int64_t L, float* out) {
-  constexpr int64_t S = KEY_STEP<T>, P = QUERY_PARTS<T>;
-  const int64_t steps = (D + S - 1) / S;
+void pack_queries(const T* q, int64_t G, int64_t D, int64_t L, float* out, bool pairs) {
+  constexpr int64_t S = KEY_STEP<T>;
+  const bool as_pairs = std::is_same_v<T, uint16_t> && (PAIR_DOT<T> || pairs);
+  const int64_t P = as_pairs ? 1 : QUERY_PARTS<T>, steps = (D + S - 1) / S;
   std::fill(out, out + steps * P * L, 0.f);
   for (int64_t g = 0; g < G; ++g)
     for (int64_t j = 0; j < steps; ++j) {
       const int64_t d = j * S;
       float* cell = out + j * P * L + g;
-      if constexpr (PAIR_DOT<T>) {
-        const uint32_t bits = q[g * D + d] | (d + 1 < D ? uint32_t(q[g * D + d + 1]) << 16 : 0u);
-        std::memcpy(cell, &bits, sizeof bits);
-      } else {
-        for (int64_t part = 0; part < S && d + part < D; ++part) cell[part * L] = Elem<T>::load(q, g * D + d + part);
-      }
+      if constexpr (std::is_same_v<T, uint16_t>)
+        if (as_pairs) {
+          const uint32_t bits = q[g * D + d] | (d + 1 < D ? uint32_t(q[g * D + d + 1]) << 16 : 0u);
+          std::memcpy(cell, &bits, sizeof bits);
+          continue;
+        }
+      for (int64_t part = 0; part < S && d + part < D; ++part) cell[part * L] = Elem<T>::load(q, g * D + d + part);
     }
 }
 
@@ -428,14 +430,6 @@ constexpr int64_t CHUNK_ROWS = 32, CHUNKS = BLOCK / CHUNK_ROWS;  // a block's ro
 static_assert(CHUNKS <= 4, "a block's probabilities take tiles 2-5");
 
 bool amx_fits(const Views& w) { return w.L == 16 && w.D % 32 == 0 && w.Dv % 32 == 0 && amx::permitted(); }
-
-// The queries' element pairs [D / 2][16] of one KV head (lanes past G zero): the right tiles of the scores, 16 pairs
-// (32 key elements) each.
-void pack_query_pairs(const uint16_t* q, int64_t G, int64_t D, uint32_t* out) {
-  std::fill(out, out + D / 2 * 16, 0u);
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t j = 0; j < D / 2; ++j) out[j * 16 + g] = q[g * D + 2 * j] | uint32_t(q[g * D + 2 * j + 1]) << 16;
-}
 
 // Rows [i, i + 16) of a block as a tile's source: (first row, bytes between rows) when they are evenly spaced, else
 // a copy of them in `gather` (rows past n zero).
@@ -724,16 +718,7 @@ void attention_typed(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 #endif
   at::parallel_for(0, B * Hkv, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, G * D)),
                    [&](int64_t begin, int64_t end) {
-    for (int64_t bh = begin; bh < end; ++bh) {
-#if KRASIS_AMX
-      if (tiles) {
-        pack_query_pairs(reinterpret_cast<const uint16_t*>(qp) + bh * G * D, G, D,
-                         reinterpret_cast<uint32_t*>(pp + bh * cells));
-        continue;
-      }
-#endif
-      pack_queries<T>(qp + bh * G * D, G, D, w.L, pp + bh * cells);
-    }
+    for (int64_t bh = begin; bh < end; ++bh) pack_queries<T>(qp + bh * G * D, G, D, w.L, pp + bh * cells, tiles);
   });
   const std::vector<Item> items = plan_items(starts, ends, Hkv);
   const int64_t count = int64_t(items.size());
