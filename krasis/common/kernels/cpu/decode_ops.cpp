@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -22,6 +23,39 @@
 #endif
 
 #include "amx_tiles.h"
+
+// ---- phase clock: bench builds only (-DKRASIS_PHASE_TIMING): cycles by phase, printed at exit ----
+#if defined(KRASIS_PHASE_TIMING)
+#include <x86intrin.h>
+#include <atomic>
+#include <cstdio>
+namespace phase {
+enum { POINTERS, SCORES, SOFTMAX, RESCALE, PROBS, TILES, ITEM_END, LATE_START, EARLY_END, PACK, ITEMS, MERGE, COUNT };
+const char* const NAMES[COUNT] = {"pointers", "scores", "softmax", "rescale", "probs", "tiles", "item_end",
+                                  "late_start", "early_end", "pack(wall)", "items(wall)", "merge(wall)"};
+inline uint64_t thread_start[256], thread_end[256];
+inline std::atomic<uint64_t> totals[COUNT], rows, calls;
+struct Clock {
+  uint64_t last = __rdtsc(), local[COUNT] = {};
+  void mark(int p) { const uint64_t now = __rdtsc(); local[p] += now - last; last = now; }
+  ~Clock() { for (int p = 0; p < COUNT; ++p) totals[p] += local[p]; }
+};
+inline thread_local Clock* current = nullptr;
+struct Report {
+  ~Report() {
+    const double r = double(rows.load()) + 1e-9;
+    std::fprintf(stderr, "phase cycles per row (%llu rows, %llu calls):", (unsigned long long)rows.load(),
+                 (unsigned long long)calls.load());
+    for (int p = 0; p < COUNT; ++p) std::fprintf(stderr, " %s %.1f", NAMES[p], totals[p] / r);
+    std::fprintf(stderr, "\n");
+  }
+};
+inline Report report;
+}  // namespace phase
+#define KRASIS_PHASE(p) (phase::current ? phase::current->mark(phase::p) : void())
+#else
+#define KRASIS_PHASE(p) ((void)0)
+#endif
 
 namespace {
 
@@ -418,21 +452,48 @@ void block_values(const Views& w, const float* p, const uint32_t* pairs, const T
 
 // ---- decode attention on AMX tiles (bf16; 16 query lanes a KV head; key and value widths multiples of 32) ----------
 // Scores as S^T = K Q^T: tiles of 16 cached rows by 32 key elements, loaded straight from the cache (copied when the
-// rows are not evenly spaced), times tiles of the queries' element pairs. Weighted sums as O += P V: the
-// probabilities transposed into [heads][32 rows] tiles, the values interleaved by pairs of rows into [16 pairs][16
-// columns] tiles, as vpunpck{l,h}wd interleave them: acc's columns come out in pair_column order.
+// rows are not evenly spaced), times tiles of the queries' element pairs. Weighted sums as O += P V with the value
+// rows loaded straight as well: a tile's 4-byte cells then pair two adjacent columns of one row, so each 16 rows of
+// probabilities come as two tiles, one with each probability in the low half of its cell (it meets the even
+// columns), one in the high half (the odd columns): acc keeps each 32 columns as their 16 even, then 16 odd ones.
 
-// Column t of a block of 32 value columns as the tiles of pairs leave them (vpunpcklwd's 16, then vpunpckhwd's).
-constexpr int64_t pair_column(int64_t t) { return t % 16 / 4 * 8 + t / 16 * 4 + t % 4; }
+// The next block's rows, fetched into L2 a few lines at a time while this block computes (`pump` at each tile step
+// of its scores and its values), so that memory stays busy through the whole block: a core has few requests in
+// flight, and the rows of a burst of them would wait their turn behind each other. Row by row, line by line.
+struct Fetch {
+  const char* const* k = nullptr;
+  const char* const* v = nullptr;
+  int64_t n = 0, key_lines = 0, lines = 0, per = 0, row = 0, line = 0;
+
+  // The next_n rows at keys[i] (key_bytes each) and values[i] (value_bytes each; null: MLA's values lie in its
+  // keys), spread over `slots` pumps.
+  void start(const void* const* keys, const void* const* values, int64_t next_n, int64_t key_bytes,
+             int64_t value_bytes, int64_t slots) {
+    k = reinterpret_cast<const char* const*>(keys), v = reinterpret_cast<const char* const*>(values);
+    n = next_n, row = 0, line = 0, key_lines = (key_bytes + 63) / 64;
+    lines = key_lines + (v ? (value_bytes + 63) / 64 : 0);
+    per = (n * lines + slots - 1) / std::max<int64_t>(1, slots);
+  }
+  void pump() { pump(per); }
+  void pump(int64_t count) {
+    for (; count > 0 && row < n; --count) {
+      __builtin_prefetch(line < key_lines ? k[row] + line * 64 : v[row] + (line - key_lines) * 64, 0, 2);
+      if (++line == lines) line = 0, ++row;
+    }
+  }
+  void finish() { pump(n * lines); }
+};
+
+// Column t of a block of 32 value columns as the AMX tiles keep them (even columns, then odd ones).
+constexpr int64_t tile_column(int64_t t) { return t < 16 ? 2 * t : 2 * (t - 16) + 1; }
 
 #if KRASIS_AMX
-constexpr int64_t CHUNK_ROWS = 32, CHUNKS = BLOCK / CHUNK_ROWS;  // a block's rows, 32 to a tile of pairs
-static_assert(CHUNKS <= 4, "a block's probabilities take tiles 2-5");
+static_assert(BLOCK % 32 == 0 && BLOCK <= 128, "a block's score tiles go 32 rows at a time; its values' tiles fit");
 
 bool amx_fits(const Views& w) { return w.L == 16 && w.D % 32 == 0 && w.Dv % 32 == 0 && amx::permitted(); }
 
 // Rows [i, i + 16) of a block as a tile's source: (first row, bytes between rows) when they are evenly spaced, else
-// a copy of them in `gather` (rows past n zero).
+// a copy of their first D elements in `gather` (rows past n zero).
 std::pair<const uint16_t*, int64_t> tile_rows(const uint16_t* const* k, int64_t i, int64_t n, int64_t D,
                                               uint16_t* gather) {
   if (i + amx::ROWS <= n) {
@@ -448,10 +509,16 @@ std::pair<const uint16_t*, int64_t> tile_rows(const uint16_t* const* k, int64_t 
   return {gather, D * int64_t(sizeof(uint16_t))};
 }
 
+// Tile steps of a block of n rows at these widths (Fetch::start's slots): its scores' and its values'.
+int64_t tile_steps(const Views& w, int64_t n) {
+  const int64_t chunks = (n + amx::ROWS - 1) / amx::ROWS;
+  return (chunks + 1) / 2 * (w.D / 32) + chunks * (w.Dv + 63) / 64;
+}
+
 // s [n][16] = round(K Q^T) * scale for a block's n rows k (as scores_tile rounds them): 32 rows at a time, the key
 // elements in steps of 32, the tiles of odd steps (5-7) apart from those of even ones (2-4) so loads overlap products.
 void amx_block_scores(const Views& w, const uint32_t* q, const uint16_t* const* k, int64_t n, float* s, float scale,
-                      uint16_t* gather) {
+                      uint16_t* gather, Fetch& fetch) {
   const int64_t steps = w.D / 32;
   for (int64_t i = 0; i < n; i += 2 * amx::ROWS) {
     const auto [low, low_stride] = tile_rows(k, i, n, w.D, gather);
@@ -460,12 +527,6 @@ void amx_block_scores(const Views& w, const uint32_t* q, const uint16_t* const* 
         two ? tile_rows(k, i + amx::ROWS, n, w.D, gather + amx::ROWS * w.D) : std::pair{low, low_stride};
     KRASIS_TILE_ZERO(0);
     KRASIS_TILE_ZERO(1);
-    const int64_t ahead = std::min<int64_t>(n - std::min(n, i + 2 * amx::ROWS), 2 * amx::ROWS);
-    // Line c of the block's next 32 rows into L2 at step c: their tiles then load from L2, not at a demand miss's
-    // latency (32K MLA on 16 Xeon cores: 1.26 -> 1.11 ms a layer in one run; runs differ by ~15%).
-    const auto fetch_line = [&](int64_t c) {
-      for (int64_t r = 0; r < ahead; ++r) __builtin_prefetch(k[i + 2 * amx::ROWS + r] + c * 32, 0, 2);
-    };
 // Step c's products into the sums 0 and 1: the queries' tile b, the two row groups' tiles a0 and a1 (tile numbers are
 // the instructions' operands, so literal).
 #define KRASIS_SCORE_STEP(c, a0, a1, b)                 \
@@ -473,7 +534,7 @@ void amx_block_scores(const Views& w, const uint32_t* q, const uint16_t* const* 
     KRASIS_TILE_LOAD(b, q + (c) * 16 * 16, 64);         \
     KRASIS_TILE_LOAD(a0, low + (c) * 32, low_stride);   \
     KRASIS_TILE_DOT(0, a0, b);                          \
-    fetch_line(c);                                      \
+    fetch.pump();                                       \
     if (two) {                                          \
       KRASIS_TILE_LOAD(a1, high + (c) * 32, high_stride); \
       KRASIS_TILE_DOT(1, a1, b);                        \
@@ -494,72 +555,85 @@ void amx_block_scores(const Views& w, const uint32_t* q, const uint16_t* const* 
       vstore(s + i * 16 + c, round_lanes<uint16_t>(vload(s + i * 16 + c)) * vset1(scale));
 }
 
-// Columns [col, col + 32) of value rows 2r and 2r + 1 (zero past n) interleaved into pairs: 16 of them into
-// pairs[r / 16][0][r % 16], the other 16 into pairs[r / 16][1][r % 16] ([chunks][2][16 pairs][16 columns]).
-void interleave_rows(const uint16_t* const* v, int64_t n, int64_t col, int64_t chunks, uint32_t* pairs) {
-  for (int64_t r = 0; r < chunks * amx::ROWS; ++r) {
-    const uint16_t* x = 2 * r < n ? v[2 * r] + col : nullptr;
-    const uint16_t* y = 2 * r + 1 < n ? v[2 * r + 1] + col : nullptr;
-    uint32_t* low = pairs + ((r / 16 * 2) * 16 + r % 16) * 16;
-    uint32_t* high = low + 16 * 16;
-#if defined(__AVX512BW__)
-    const __m512i xv = x ? _mm512_loadu_si512(x) : _mm512_setzero_si512();
-    const __m512i yv = y ? _mm512_loadu_si512(y) : _mm512_setzero_si512();
-    _mm512_storeu_si512(low, _mm512_unpacklo_epi16(xv, yv));
-    _mm512_storeu_si512(high, _mm512_unpackhi_epi16(xv, yv));
+// Rows [16c, 16c + 16) of a block's probabilities s [n][16] (rounded to bf16 by block_softmax) as the two tiles
+// [16 heads][16 rows] of 4-byte cells that meet a tile of value rows: `even` with each in its cell's low half, `odd`
+// in its high half; heads past G and rows past n zero.
+void probability_tiles(const float* s, int64_t n, int64_t c, int64_t G, uint32_t* even, uint32_t* odd) {
+  const int64_t rows = std::min<int64_t>(amx::ROWS, n - c * amx::ROWS);
+  const float* p = s + c * amx::ROWS * 16;
+#if defined(__AVX512F__)
+  const __m512i index = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                           _mm512_set1_epi32(16));
+  const __mmask16 live = rows == 16 ? __mmask16(0xffff) : __mmask16((1u << rows) - 1);
+  for (int64_t h = 0; h < 16; ++h) {
+    const __m512i cells = h < G ? _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, index, p + h, 4)
+                                : _mm512_setzero_si512();
+    _mm512_storeu_si512(odd + h * 16, cells);
+    _mm512_storeu_si512(even + h * 16, _mm512_srli_epi32(cells, 16));
+  }
 #else
-    for (int64_t t = 0; t < 32; ++t) {
-      const int64_t c = pair_column(t);
-      (t < 16 ? low : high)[t % 16] = (x ? x[c] : 0u) | uint32_t(y ? y[c] : 0u) << 16;
+  for (int64_t h = 0; h < 16; ++h)
+    for (int64_t r = 0; r < 16; ++r) {
+      uint32_t bits = 0;
+      if (h < G && r < rows) std::memcpy(&bits, p + r * 16 + h, sizeof bits);
+      odd[h * 16 + r] = bits, even[h * 16 + r] = bits >> 16;
     }
 #endif
-  }
 }
 
-// acc [16][Dv] (pair_column order) += P V over a block's n rows v: P [16][32 rows] in tiles 2-5, one per chunk of
-// rows, as pairs of rows (the transpose of block_softmax's `pairs` [n / 2][16]; lanes past G, rows past n zero); then
-// per 32 columns, the low and high tiles of the values' pairs (6, 7) into the column halves' sums (0, 1).
-void amx_block_values(const Views& w, const uint32_t* pairs, const uint16_t* const* v, int64_t n, float* acc,
-                      uint32_t* probs, uint32_t* value_pairs) {
-  const int64_t chunks = (n + CHUNK_ROWS - 1) / CHUNK_ROWS, whole_pairs = (n + 1) / 2;
-  for (int64_t c = 0; c < chunks; ++c)
-    for (int64_t h = 0; h < 16; ++h)
-      for (int64_t j = c * 16; j < c * 16 + 16; ++j)
-        probs[(c * 16 + h) * 16 + j % 16] = h < w.G && j < whole_pairs ? pairs[j * 16 + h] : 0u;
-  KRASIS_TILE_LOAD(2, probs, 64);
-  if (chunks > 1) KRASIS_TILE_LOAD(3, probs + 1 * 256, 64);
-  if (chunks > 2) KRASIS_TILE_LOAD(4, probs + 2 * 256, 64);
-  if (chunks > 3) KRASIS_TILE_LOAD(5, probs + 3 * 256, 64);
+// acc [16][Dv] (tile_column order) += P V over a block's n rows v (probabilities s [n][16]): 64 columns at a time in
+// the sums 0-3 (even and odd columns of two blocks of 32), 16 rows at a time: their probability tiles (4, 5) times
+// their value rows' two blocks of columns (6, 7), loaded straight from the rows (`gather`: a copy of rows not evenly
+// spaced, BLOCK x Dv).
+void amx_block_values(const Views& w, const float* s, const uint16_t* const* v, int64_t n, float* acc,
+                      uint32_t* probs, uint16_t* gather, Fetch& fetch) {
+  const int64_t chunks = (n + amx::ROWS - 1) / amx::ROWS;
+  std::pair<const uint16_t*, int64_t> rows[BLOCK / amx::ROWS];
+  for (int64_t c = 0; c < chunks; ++c) {
+    probability_tiles(s, n, c, w.G, probs + c * 512, probs + c * 512 + 256);
+    rows[c] = tile_rows(v, c * amx::ROWS, n, w.Dv, gather + c * amx::ROWS * w.Dv);
+  }
+  KRASIS_PHASE(PROBS);
   const int64_t row_bytes = w.Dv * int64_t(sizeof(float));
-  for (int64_t col = 0; col < w.Dv; col += 32) {
-    interleave_rows(v, n, col, chunks, value_pairs);
+  for (int64_t col = 0; col < w.Dv; col += 64) {
+    const bool two = col + 32 < w.Dv;
     KRASIS_TILE_LOAD(0, acc + col, row_bytes);
     KRASIS_TILE_LOAD(1, acc + col + 16, row_bytes);
-// Chunk c's pairs (tiles 6, 7) times its probabilities (tile a) into the sums 0 and 1.
-#define KRASIS_VALUE_CHUNK(c, a)                           \
-  do {                                                     \
-    KRASIS_TILE_LOAD(6, value_pairs + (c) * 2 * 256, 64);  \
-    KRASIS_TILE_LOAD(7, value_pairs + ((c) * 2 + 1) * 256, 64); \
-    KRASIS_TILE_DOT(0, a, 6);                              \
-    KRASIS_TILE_DOT(1, a, 7);                              \
-  } while (0)
-    KRASIS_VALUE_CHUNK(0, 2);
-    if (chunks > 1) KRASIS_VALUE_CHUNK(1, 3);
-    if (chunks > 2) KRASIS_VALUE_CHUNK(2, 4);
-    if (chunks > 3) KRASIS_VALUE_CHUNK(3, 5);
-#undef KRASIS_VALUE_CHUNK
+    if (two) {
+      KRASIS_TILE_LOAD(2, acc + col + 32, row_bytes);
+      KRASIS_TILE_LOAD(3, acc + col + 48, row_bytes);
+    }
+    for (int64_t c = 0; c < chunks; ++c) {
+      const auto [first, stride] = rows[c];
+      KRASIS_TILE_LOAD(4, probs + c * 512, 64);
+      KRASIS_TILE_LOAD(5, probs + c * 512 + 256, 64);
+      KRASIS_TILE_LOAD(6, first + col, stride);
+      KRASIS_TILE_DOT(0, 4, 6);
+      KRASIS_TILE_DOT(1, 5, 6);
+      if (two) {
+        KRASIS_TILE_LOAD(7, first + col + 32, stride);
+        KRASIS_TILE_DOT(2, 4, 7);
+        KRASIS_TILE_DOT(3, 5, 7);
+      }
+      fetch.pump();
+    }
     KRASIS_TILE_STORE(0, acc + col, row_bytes);
     KRASIS_TILE_STORE(1, acc + col + 16, row_bytes);
+    if (two) {
+      KRASIS_TILE_STORE(2, acc + col + 32, row_bytes);
+      KRASIS_TILE_STORE(3, acc + col + 48, row_bytes);
+    }
+    KRASIS_PHASE(TILES);
   }
 }
 #endif
 
 template <class T>
-struct Scratch {  // one thread's: a block's scores, then probabilities, and their pairs; its row pointers; the state
-  std::vector<float> s, m, l, alpha, acc;  // ([L][Dv]: whole tiles); on AMX, rows gathered for the score tiles, the
-  std::vector<uint32_t> pairs, value_pairs, probs;  // values' pairs and the probabilities as tiles
-  std::vector<uint16_t> gather;
-  std::vector<const T*> keys, values;
+struct Scratch {  // one thread's: a block's scores, then probabilities, and their pairs; the state ([L][Dv]: whole
+  std::vector<float> s, m, l, alpha, acc;  // tiles); the row pointers of the block and of the next one; on AMX, the
+  std::vector<uint32_t> pairs, probs;  // probability tiles and copies of rows not evenly spaced (32 rows of keys, a
+  std::vector<uint16_t> key_gather, value_gather;  // block of values)
+  std::vector<const T*> keys, values, next_keys, next_values;
 
   // The thread's scratch, grown to fit a call's shapes: kept from call to call, as a short context's whole call
   // takes tens of microseconds and allocating (zeroing) ~100 KB a thread would be a good part of that.
@@ -567,70 +641,107 @@ struct Scratch {  // one thread's: a block's scores, then probabilities, and the
     thread_local Scratch x;
     const auto fit = [](auto& v, int64_t n) { if (int64_t(v.size()) < n) v.resize(n); };
     fit(x.s, BLOCK * w.L), fit(x.m, w.L), fit(x.l, w.L), fit(x.alpha, w.L), fit(x.acc, w.L * w.Dv);
-    fit(x.pairs, (BLOCK / 2 + 1) * w.L), fit(x.keys, BLOCK), fit(x.values, BLOCK + 1);
-    if (tiles) fit(x.value_pairs, BLOCK * 16), fit(x.probs, BLOCK * 8), fit(x.gather, 32 * w.D);
+    fit(x.pairs, (BLOCK / 2 + 1) * w.L);
+    for (auto* rows : {&x.keys, &x.values, &x.next_keys, &x.next_values}) fit(*rows, BLOCK + 1);
+    if (tiles) fit(x.probs, BLOCK / 16 * 512), fit(x.key_gather, 32 * w.D), fit(x.value_gather, BLOCK * w.Dv);
     return x;
   }
 };
 
-// A block's scores s [n][L] from its rows' keys, and its values' share of acc [G][Dv]: on AMX tiles when `tiles`.
+// A block's scores s [n][L] from its rows' keys, and its values' share of acc [G][Dv]: on AMX tiles when `tiles`,
+// pumping `fetch` as they go.
 template <class T>
-void block_scores_of(const Views& w, const float* q, int64_t n, float scale, bool tiles, Scratch<T>& x) {
+void block_scores_of(const Views& w, const float* q, int64_t n, float scale, bool tiles, Scratch<T>& x,
+                     Fetch& fetch) {
 #if KRASIS_AMX
   if constexpr (std::is_same_v<T, uint16_t>)
     if (tiles) {
       const auto* pairs = reinterpret_cast<const uint32_t*>(q);
-      return amx_block_scores(w, pairs, x.keys.data(), n, x.s.data(), scale, x.gather.data());
+      return amx_block_scores(w, pairs, x.keys.data(), n, x.s.data(), scale, x.key_gather.data(), fetch);
     }
 #endif
   block_scores<T>(w, q, x.keys.data(), n, x.s.data(), scale);
 }
 
 template <class T>
-void block_values_of(const Views& w, int64_t n, bool tiles, Scratch<T>& x) {
+void block_values_of(const Views& w, int64_t n, bool tiles, Scratch<T>& x, Fetch& fetch) {
 #if KRASIS_AMX
   if constexpr (std::is_same_v<T, uint16_t>)
-    if (tiles) return amx_block_values(w, x.pairs.data(), x.values.data(), n, x.acc.data(), x.probs.data(),
-                                       x.value_pairs.data());
+    if (tiles) return amx_block_values(w, x.s.data(), x.values.data(), n, x.acc.data(), x.probs.data(),
+                                       x.value_gather.data(), fetch);
 #endif
   block_values<T>(w, x.s.data(), x.pairs.data(), x.values.data(), n, x.acc.data());
 }
 
-// One item's unnormalized softmax state: m [G] (max score), l [G] (sum of e^(s - m)), acc [G][Dv] (sum of
-// e^(s - m) v, in column order). q: this KV head's packed queries (their pairs on AMX tiles).
+// Rows [r, r + n) of item `it`: their keys and values (values[n]: the last one again, the pair of an odd n's last).
 template <class T>
-void attend_item(const Views& w, const float* q, const T* k, const T* v, const Item& it, float scale, bool tiles,
-                 float* m, float* l, float* acc, Scratch<T>& x) {
+void block_rows(const Views& w, const T* k, const T* v, const Item& it, int64_t r, int64_t n, const T** keys,
+                const T** values) {
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t row = w.slots ? w.slots[r + i] : r + i;
+    keys[i] = k + it.h * w.kh + row * w.kn;
+    values[i] = v + it.h * w.vh + row * w.vn;
+  }
+  values[n] = values[n - 1];
+}
+
+// One item's unnormalized softmax state: m [G] (max score), l [G] (sum of e^(s - m)), acc [G][Dv] (sum of
+// e^(s - m) v, its columns in the order of `acc_columns`). q: this KV head's packed queries (their pairs on AMX
+// tiles). claim_next() -> the thread's next item (or null), called once, as the last block starts. On AMX tiles the
+// rows of the block after each (this item's, or the next item's first) are fetched while it computes.
+template <class T, class Claim>
+void attend_item(const Views& w, const float* q, const T* k, const T* v, const Item& it, const Claim& claim_next,
+                 float scale, bool tiles, float* m, float* l, float* acc, Scratch<T>& x) {
   std::fill_n(x.m.begin(), w.L, -INFINITY);
   std::fill_n(x.l.begin(), w.L, 0.f);
   std::fill_n(x.acc.begin(), w.L * w.Dv, 0.f);
+  Fetch fetch;
+  block_rows<T>(w, k, v, it, it.r0, std::min(BLOCK, it.r1 - it.r0), x.keys.data(), x.values.data());
   for (int64_t r = it.r0; r < it.r1; r += BLOCK) {
     const int64_t n = std::min(BLOCK, it.r1 - r);
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t row = w.slots ? w.slots[r + i] : r + i;
-      x.keys[i] = k + it.h * w.kh + row * w.kn;
-      x.values[i] = v + it.h * w.vh + row * w.vn;
+    const Item* following = r + n < it.r1 ? &it : claim_next();
+    if (tiles && following != nullptr) {
+#if KRASIS_AMX
+      const int64_t from = following == &it ? r + n : following->r0, rows = std::min(BLOCK, following->r1 - from);
+      block_rows<T>(w, k, v, *following, from, rows, x.next_keys.data(), x.next_values.data());
+      const bool values_in_keys = v == k && w.vn == w.kn && w.vh == w.kh && w.Dv <= w.D;  // MLA's latent
+      const auto* values = values_in_keys ? nullptr : reinterpret_cast<const void* const*>(x.next_values.data());
+      fetch.start(reinterpret_cast<const void* const*>(x.next_keys.data()), values, rows, w.D * sizeof(T),
+                  w.Dv * sizeof(T), tile_steps(w, n));
+#endif
     }
-    x.values[n] = x.values[n - 1];
-    block_scores_of<T>(w, q, n, scale, tiles, x);
-    uint32_t* pairs = PAIR_DOT<T> || tiles ? x.pairs.data() : nullptr;  // for vdpbf16ps, or the AMX tiles
+    KRASIS_PHASE(POINTERS);
+    block_scores_of<T>(w, q, n, scale, tiles, x, fetch);
+    KRASIS_PHASE(SCORES);
+    uint32_t* pairs = PAIR_DOT<T> && !tiles ? x.pairs.data() : nullptr;  // for vdpbf16ps
     block_softmax<T>(x.s.data(), n, w.L, x.m.data(), x.l.data(), x.alpha.data(), pairs);
+    KRASIS_PHASE(SOFTMAX);
     for (int64_t g = 0; g < w.G; ++g)
       if (x.alpha[g] != 1.f)
 #pragma omp simd
         for (int64_t d = 0; d < w.Dv; ++d) x.acc[g * w.Dv + d] *= x.alpha[g];
-    block_values_of<T>(w, n, tiles, x);
+    KRASIS_PHASE(RESCALE);
+    block_values_of<T>(w, n, tiles, x, fetch);
+    fetch.finish();
+    if (tiles && following == &it) std::swap(x.keys, x.next_keys), std::swap(x.values, x.next_values);
+    else if (r + n < it.r1) block_rows<T>(w, k, v, it, r + n, std::min(BLOCK, it.r1 - r - n), x.keys.data(),
+                                          x.values.data());
   }
   std::copy(x.m.begin(), x.m.begin() + w.G, m);
   std::copy(x.l.begin(), x.l.begin() + w.G, l);
-  const int64_t width = tiles ? 32 : 2 * VW, whole = w.Dv - w.Dv % width;
-  for (int64_t g = 0; g < w.G; ++g) {
-    const float* from = x.acc.data() + g * w.Dv;
-    float* to = acc + g * w.Dv;
-    for (int64_t col = 0; col < whole; col += width)
-      for (int64_t t = 0; t < width; ++t) to[col + (tiles ? pair_column(t) : packed_column<T>(t))] = from[col + t];
-    std::copy(from + whole, from + w.Dv, to + whole);
-  }
+  std::copy(x.acc.begin(), x.acc.begin() + w.G * w.Dv, acc);
+  KRASIS_PHASE(ITEM_END);
+}
+
+// Where each of acc's Dv columns goes in the output: blocks of 32 columns on AMX tiles (tile_column), of 2 VW
+// columns otherwise (packed_column), the rest in order.
+template <class T>
+std::vector<int64_t> acc_columns(int64_t Dv, bool tiles) {
+  const int64_t width = tiles ? 32 : 2 * VW, whole = Dv - Dv % width;
+  std::vector<int64_t> columns(Dv);
+  for (int64_t d = 0; d < Dv; ++d)
+    columns[d] = d >= whole ? d : d - d % width + (tiles ? tile_column(d % width) : packed_column<T>(d % width));
+  return columns;
 }
 
 // The items of the step: each sequence's visible rows, per KV head, in chunks of one size.
@@ -674,7 +785,7 @@ bool attention_fits(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 // Each (sequence, KV head)'s items merged: weights e^(m_i - max m), out = sum w_i acc_i / sum w_i l_i.
 template <class T>
 void merge_items(const std::vector<Item>& items, int64_t B, int64_t Hq, const Views& w, const float* m,
-                 const float* l, const float* acc, T* out) {
+                 const float* l, const float* acc, const std::vector<int64_t>& columns, T* out) {
   std::vector<int64_t> first(B * w.Hkv + 1);  // items of (b, h) are [first[b * Hkv + h], first[b * Hkv + h + 1])
   int64_t group = 0;
   for (int64_t i = 0; i < int64_t(items.size()); ++i)
@@ -695,7 +806,7 @@ void merge_items(const std::vector<Item>& items, int64_t B, int64_t Hq, const Vi
 #pragma omp simd
         for (int64_t d = 0; d < w.Dv; ++d) o[d] += weight * a[d];
       }
-      for (int64_t d = 0; d < w.Dv; ++d) Elem<T>::store(out, bq * w.Dv + d, o[d] / denom);
+      for (int64_t d = 0; d < w.Dv; ++d) Elem<T>::store(out, bq * w.Dv + columns[d], o[d] / denom);
     }
   });
 }
@@ -711,6 +822,9 @@ void attention_typed(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   at::Tensor packed = at::empty({B * Hkv * cells}, q.options().dtype(at::kFloat));
   const T* qp = static_cast<const T*>(qc.data_ptr());
   float* pp = packed.data_ptr<float>();
+#if defined(KRASIS_PHASE_TIMING)
+  const uint64_t wall_start = __rdtsc();
+#endif
 #if KRASIS_AMX
   const bool tiles = std::is_same_v<T, uint16_t> && amx_fits(w);
 #else
@@ -722,25 +836,60 @@ void attention_typed(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   });
   const std::vector<Item> items = plan_items(starts, ends, Hkv);
   const int64_t count = int64_t(items.size());
+#if defined(KRASIS_PHASE_TIMING)
+  phase::Clock call_clock;
+  call_clock.local[phase::PACK] = call_clock.last - wall_start;
+  phase::calls += 1;
+  for (const Item& it : items) phase::rows += it.r1 - it.r0;
+#endif
   at::Tensor state = at::empty({count * G * (2 + w.Dv)}, packed.options());  // m [count, G], l [count, G], acc
   float *m = state.data_ptr<float>(), *l = m + count * G, *acc = l + count * G;
   const T* kp = static_cast<const T*>(k.data_ptr());
   const T* vp = static_cast<const T*>(v.data_ptr());
-  at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+  // Items are claimed one at a time, not split into equal shares: a thread that falls behind (its core shared for a
+  // while) takes fewer. Which thread computes an item does not change its sums. A thread claims its next item as it
+  // starts the last block of one, so that it fetches the next one's first rows meanwhile.
+  std::atomic<int64_t> claimed{0};
+  const int64_t workers = std::min<int64_t>(count, at::get_num_threads());
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+#if defined(KRASIS_PHASE_TIMING)
+    phase::Clock clock;
+    phase::current = &clock;
+    phase::thread_start[at::get_thread_num()] = clock.last;
+#endif
     Scratch<T>& scratch = Scratch<T>::of_thread(w, tiles);
 #if KRASIS_AMX
     if (tiles) amx::configure();
 #endif
-    for (int64_t i = begin; i < end; ++i) {
+    for (int64_t i = claimed++, next = count; i < count; i = next) {
+      const auto claim_next = [&]() -> const Item* { return (next = claimed++) < count ? &items[next] : nullptr; };
       const Item& it = items[i];
-      attend_item<T>(w, pp + (it.b * Hkv + it.h) * cells, kp, vp, it, scale, tiles, m + i * G, l + i * G,
+      attend_item<T>(w, pp + (it.b * Hkv + it.h) * cells, kp, vp, it, claim_next, scale, tiles, m + i * G, l + i * G,
                      acc + i * G * w.Dv, scratch);
     }
 #if KRASIS_AMX
     if (tiles) amx::release();
 #endif
+#if defined(KRASIS_PHASE_TIMING)
+    phase::current = nullptr;
+    phase::thread_end[at::get_thread_num()] = __rdtsc();
+#endif
   });
-  merge_items<T>(items, B, Hq, w, m, l, acc, static_cast<T*>(out.data_ptr()));
+#if defined(KRASIS_PHASE_TIMING)
+  {
+    const int used = int(workers);
+    const uint64_t last = *std::max_element(phase::thread_end, phase::thread_end + used);
+    for (int t = 0; t < used; ++t) {
+      phase::totals[phase::LATE_START] += phase::thread_start[t] - call_clock.last;
+      phase::totals[phase::EARLY_END] += last - phase::thread_end[t];
+    }
+  }
+  call_clock.mark(phase::ITEMS);
+#endif
+  merge_items<T>(items, B, Hq, w, m, l, acc, acc_columns<T>(w.Dv, tiles), static_cast<T*>(out.data_ptr()));
+#if defined(KRASIS_PHASE_TIMING)
+  call_clock.mark(phase::MERGE);
+#endif
 }
 
 // q [B, Hq, D]; k [N, Hkv, D] and v [N, Hkv, Dv]: views of a KV cache layer (any strides, the last 1). Sequence b
