@@ -24,38 +24,6 @@
 
 #include "amx_tiles.h"
 
-// ---- phase clock: bench builds only (-DKRASIS_PHASE_TIMING): cycles by phase, printed at exit ----
-#if defined(KRASIS_PHASE_TIMING)
-#include <x86intrin.h>
-#include <atomic>
-#include <cstdio>
-namespace phase {
-enum { POINTERS, SCORES, SOFTMAX, RESCALE, PROBS, TILES, ITEM_END, LATE_START, EARLY_END, PACK, ITEMS, MERGE, COUNT };
-const char* const NAMES[COUNT] = {"pointers", "scores", "softmax", "rescale", "probs", "tiles", "item_end",
-                                  "late_start", "early_end", "pack(wall)", "items(wall)", "merge(wall)"};
-inline uint64_t thread_start[256], thread_end[256];
-inline std::atomic<uint64_t> totals[COUNT], rows, calls;
-struct Clock {
-  uint64_t last = __rdtsc(), local[COUNT] = {};
-  void mark(int p) { const uint64_t now = __rdtsc(); local[p] += now - last; last = now; }
-  ~Clock() { for (int p = 0; p < COUNT; ++p) totals[p] += local[p]; }
-};
-inline thread_local Clock* current = nullptr;
-struct Report {
-  ~Report() {
-    const double r = double(rows.load()) + 1e-9;
-    std::fprintf(stderr, "phase cycles per row (%llu rows, %llu calls):", (unsigned long long)rows.load(),
-                 (unsigned long long)calls.load());
-    for (int p = 0; p < COUNT; ++p) std::fprintf(stderr, " %s %.1f", NAMES[p], totals[p] / r);
-    std::fprintf(stderr, "\n");
-  }
-};
-inline Report report;
-}  // namespace phase
-#define KRASIS_PHASE(p) (phase::current ? phase::current->mark(phase::p) : void())
-#else
-#define KRASIS_PHASE(p) ((void)0)
-#endif
 
 namespace {
 
@@ -593,7 +561,6 @@ void amx_block_values(const Views& w, const float* s, const uint16_t* const* v, 
     probability_tiles(s, n, c, w.G, probs + c * 512, probs + c * 512 + 256);
     rows[c] = tile_rows(v, c * amx::ROWS, n, w.Dv, gather + c * amx::ROWS * w.Dv);
   }
-  KRASIS_PHASE(PROBS);
   const int64_t row_bytes = w.Dv * int64_t(sizeof(float));
   for (int64_t col = 0; col < w.Dv; col += 64) {
     const bool two = col + 32 < w.Dv;
@@ -623,7 +590,6 @@ void amx_block_values(const Views& w, const float* s, const uint16_t* const* v, 
       KRASIS_TILE_STORE(2, acc + col + 32, row_bytes);
       KRASIS_TILE_STORE(3, acc + col + 48, row_bytes);
     }
-    KRASIS_PHASE(TILES);
   }
 }
 #endif
@@ -710,17 +676,13 @@ void attend_item(const Views& w, const float* q, const T* k, const T* v, const I
                   w.Dv * sizeof(T), tile_steps(w, n));
 #endif
     }
-    KRASIS_PHASE(POINTERS);
     block_scores_of<T>(w, q, n, scale, tiles, x, fetch);
-    KRASIS_PHASE(SCORES);
     uint32_t* pairs = PAIR_DOT<T> && !tiles ? x.pairs.data() : nullptr;  // for vdpbf16ps
     block_softmax<T>(x.s.data(), n, w.L, x.m.data(), x.l.data(), x.alpha.data(), pairs);
-    KRASIS_PHASE(SOFTMAX);
     for (int64_t g = 0; g < w.G; ++g)
       if (x.alpha[g] != 1.f)
 #pragma omp simd
         for (int64_t d = 0; d < w.Dv; ++d) x.acc[g * w.Dv + d] *= x.alpha[g];
-    KRASIS_PHASE(RESCALE);
     block_values_of<T>(w, n, tiles, x, fetch);
     fetch.finish();
     if (tiles && following == &it) std::swap(x.keys, x.next_keys), std::swap(x.values, x.next_values);
@@ -730,7 +692,6 @@ void attend_item(const Views& w, const float* q, const T* k, const T* v, const I
   std::copy(x.m.begin(), x.m.begin() + w.G, m);
   std::copy(x.l.begin(), x.l.begin() + w.G, l);
   std::copy(x.acc.begin(), x.acc.begin() + w.G * w.Dv, acc);
-  KRASIS_PHASE(ITEM_END);
 }
 
 // Where each of acc's Dv columns goes in the output: blocks of 32 columns on AMX tiles (tile_column), of 2 VW
@@ -822,9 +783,6 @@ void attention_typed(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   at::Tensor packed = at::empty({B * Hkv * cells}, q.options().dtype(at::kFloat));
   const T* qp = static_cast<const T*>(qc.data_ptr());
   float* pp = packed.data_ptr<float>();
-#if defined(KRASIS_PHASE_TIMING)
-  const uint64_t wall_start = __rdtsc();
-#endif
 #if KRASIS_AMX
   const bool tiles = std::is_same_v<T, uint16_t> && amx_fits(w);
 #else
@@ -836,12 +794,6 @@ void attention_typed(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   });
   const std::vector<Item> items = plan_items(starts, ends, Hkv);
   const int64_t count = int64_t(items.size());
-#if defined(KRASIS_PHASE_TIMING)
-  phase::Clock call_clock;
-  call_clock.local[phase::PACK] = call_clock.last - wall_start;
-  phase::calls += 1;
-  for (const Item& it : items) phase::rows += it.r1 - it.r0;
-#endif
   at::Tensor state = at::empty({count * G * (2 + w.Dv)}, packed.options());  // m [count, G], l [count, G], acc
   float *m = state.data_ptr<float>(), *l = m + count * G, *acc = l + count * G;
   const T* kp = static_cast<const T*>(k.data_ptr());
@@ -852,11 +804,6 @@ void attention_typed(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   std::atomic<int64_t> claimed{0};
   const int64_t workers = std::min<int64_t>(count, at::get_num_threads());
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-#if defined(KRASIS_PHASE_TIMING)
-    phase::Clock clock;
-    phase::current = &clock;
-    phase::thread_start[at::get_thread_num()] = clock.last;
-#endif
     Scratch<T>& scratch = Scratch<T>::of_thread(w, tiles);
 #if KRASIS_AMX
     if (tiles) amx::configure();
@@ -870,26 +817,8 @@ void attention_typed(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 #if KRASIS_AMX
     if (tiles) amx::release();
 #endif
-#if defined(KRASIS_PHASE_TIMING)
-    phase::current = nullptr;
-    phase::thread_end[at::get_thread_num()] = __rdtsc();
-#endif
   });
-#if defined(KRASIS_PHASE_TIMING)
-  {
-    const int used = int(workers);
-    const uint64_t last = *std::max_element(phase::thread_end, phase::thread_end + used);
-    for (int t = 0; t < used; ++t) {
-      phase::totals[phase::LATE_START] += phase::thread_start[t] - call_clock.last;
-      phase::totals[phase::EARLY_END] += last - phase::thread_end[t];
-    }
-  }
-  call_clock.mark(phase::ITEMS);
-#endif
   merge_items<T>(items, B, Hq, w, m, l, acc, acc_columns<T>(w.Dv, tiles), static_cast<T*>(out.data_ptr()));
-#if defined(KRASIS_PHASE_TIMING)
-  call_clock.mark(phase::MERGE);
-#endif
 }
 
 // q [B, Hq, D]; k [N, Hkv, D] and v [N, Hkv, Dv]: views of a KV cache layer (any strides, the last 1). Sequence b
