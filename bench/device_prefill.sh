@@ -4,8 +4,9 @@
 # backends at MLA shapes and what a new shape costs cuDNN (cudnn_shapes), a profile of a few resident layers at 8K
 # and 32K, streamed-vs-resident prefill on a V2-Lite cut, and the timeline of streamed prompts on the bench model
 # (timeline). PREFILL27_BUDGET and PREFILL27_PROMPTS set prefill27's budget and prompts, TESTS_K picks GPU tests
-# by keyword, KTOKENS the kernels' token counts, SWEEP their tile sweeps (empty: none). Each step is time-boxed (*_S:
-# seconds) and logged under $OUT; a short summary prints last. STEPS picks them:
+# by keyword, PROFILE_ARGS adds profile32 options (--by-shape), KTOKENS the kernels' token counts, SWEEP their tile
+# sweeps (empty: none). Each step is time-boxed (*_S: seconds) and logged under $OUT; a short summary prints last.
+# STEPS picks them:
 # STEPS="tests bench27 bench27_4gib" BUDGET=5 bash bench/device_prefill.sh
 set -uo pipefail
 source "$(dirname "$0")/device_steps.sh"
@@ -26,7 +27,7 @@ step bench27_4gib 200 python3 -c "from krasis.ctl.main import cli; cli()" bench 
 step timeline ${TIMELINE_S:-200} python3 bench/stream_timeline.py --budget ${BUDGET:-4} ${TIMELINE_ARGS:---tokens 512 8192 32768}
 step timeline_thawed ${TIMELINE_S:-200} python3 bench/stream_timeline.py --budget ${BUDGET:-4} --thaw ${TIMELINE_ARGS:---tokens 512 8192 32768}
 step profile 120 python3 bench/prefill_profile.py --layers 4 --tokens 8192 --chunk 8192
-step profile32 150 python3 bench/prefill_profile.py --layers 4 --tokens 32768 --chunk 8192
+step profile32 150 python3 bench/prefill_profile.py --layers 4 --tokens 32768 --chunk 8192 ${PROFILE_ARGS:-}
 step prefill 180 python3 bench/gpu_prefill.py --layers 12 --quant q4 --budget 4 --tokens 8192 --chunk 8192
 cat "$OUT/machine.txt" "$OUT/summary.txt"
 [ -f "$OUT/tests.txt" ] && tail -15 "$OUT/tests.txt"

@@ -21,6 +21,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--chunk", type=int, default=4096)
     p.add_argument("--rows", type=int, default=25)
+    p.add_argument("--by-shape", action="store_true", help="also the top ops by GPU time, each input shape apart")
     args = p.parse_args()
     model = random_model(dict(DEEPSEEK_V2_LITE, num_hidden_layers=args.layers), torch.bfloat16, "q4")
     runner = build_prefill_runner(model, "cuda", None, chunk_tokens=args.chunk, step_tokens=args.tokens)
@@ -35,12 +36,17 @@ def main() -> None:
     torch.cuda.synchronize()
     print(f"{args.layers} layers, {args.tokens} tokens: {start.elapsed_time(end):.1f} ms "
           f"({args.tokens / start.elapsed_time(end) * 1e3:.0f} tok/s)")
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True,
+                 record_shapes=args.by_shape) as prof:
         runner.prefill_prompt(prompt)
         torch.cuda.synchronize()
     averages = prof.key_averages()
     print(averages.table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
     print(averages.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
+    if args.by_shape:
+        by_shape = prof.key_averages(group_by_input_shape=True)
+        print(by_shape.table(sort_by="self_cuda_time_total", row_limit=3 * args.rows, max_name_column_width=40,
+                             max_shapes_column_width=110))
     with tempfile.NamedTemporaryFile(suffix=".json") as trace:
         prof.export_chrome_trace(trace.name)
         print_idle(json.load(open(trace.name))["traceEvents"])

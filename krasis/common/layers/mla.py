@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from krasis.common.kernels.cpu import decode_ops
+from krasis.common.kernels.gpu import rowwise
 from krasis.common.kv_cache import ForwardBatch
 from krasis.common.layers.attention import (
     FEW_QUERIES,
@@ -23,7 +24,7 @@ from krasis.common.layers.attention import (
     per_sequence,
 )
 from krasis.common.layers.norm import RMSNorm
-from krasis.common.layers.rotary import RotaryEmbedding, apply_rotary_interleaved
+from krasis.common.layers.rotary import RotaryEmbedding, apply_rotary_interleaved, rotate_interleaved_
 from krasis.common.quant.formats import dequantize
 
 
@@ -66,25 +67,31 @@ class MLAttention(nn.Module):
         # x: [T, H]
         tokens, heads, modules = x.shape[0], self.num_heads, self._modules  # _modules: as in _queries
         # Tensor methods, not indexing or Tensor.split: each of those costs a few microseconds more a call
-        q_nope, q_pe = self._queries(x).view(tokens, heads, -1).split_with_sizes([self.nope_dim, self.rope_dim], -1)
+        q = self._queries(x).view(tokens, heads, -1)
+        q_nope, q_pe = q.split_with_sizes([self.nope_dim, self.rope_dim], -1)
         # the latent and the shared key as one head, [T, 1, kv_lora] and [T, 1, rope]: the norm and the rotation take
         # them as they are, and the queries' and the key's rope parts rotate in a call each (rotating them together
         # took a cat and two views, 5 more torch ops)
         kv_a = modules["kv_a_proj_with_mqa"](x).view(tokens, 1, -1)
         latent, k_pe = kv_a.split_with_sizes([self.kv_lora_rank, self.rope_dim], -1)
         tables = self.rotary.interleaved_tables(batch)
-        q_pe, k_pe = apply_rotary_interleaved(q_pe, tables), apply_rotary_interleaved(k_pe, tables)
+        if x.is_cuda:  # rotated in place: q then holds the whole roped queries, which prefill attends without a cat
+            rotate_interleaved_(q_pe, tables)
+            rotate_interleaved_(k_pe, tables)
+        else:
+            q, q_pe, k_pe = None, apply_rotary_interleaved(q_pe, tables), apply_rotary_interleaved(k_pe, tables)
         cached = torch.cat((modules["kv_a_layernorm"](latent), k_pe), dim=-1).view(tokens, -1)  # [T, kv_lora + rope]
         batch.kv.write(self.layer_idx, batch.write_slots, cached)
-        return modules["o_proj"](self._attend(q_nope, q_pe, batch).reshape(tokens, -1))
+        return modules["o_proj"](self._attend(q_nope, q_pe, q, batch).reshape(tokens, -1))
 
-    def _attend(self, q_nope: torch.Tensor, q_pe: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        """Roped queries q_nope [T, heads, nope], q_pe [T, heads, rope] over each sequence's cache -> [T, heads, v]."""
+    def _attend(self, q_nope: torch.Tensor, q_pe: torch.Tensor, q: torch.Tensor | None, batch: ForwardBatch):
+        """Roped queries q_nope [T, heads, nope], q_pe [T, heads, rope] (and q, the two together, when they are its
+        views) over each sequence's cache -> [T, heads, v]."""
         single_rows, singles = batch.single_queries
         if len(singles) == len(batch.seqs):  # a decode step: every sequence absorbs, all at once
             w_uk, w_uv = self._absorb_weights(q_nope.dtype)
             return self._unabsorb(self._attend_latent(self._absorbed_queries(q_nope, q_pe, w_uk), batch), w_uv)
-        q = torch.cat((q_nope, q_pe), dim=-1)
+        q = torch.cat((q_nope, q_pe), dim=-1) if q is None else q
         absorbs = [seq.query_len == 1 or self._absorbs(seq.query_len, seq.context_len) for seq in batch.seqs]
         out = q.new_zeros(q.shape[0], self.num_heads, self.v_dim)  # expanded sequences' outputs
         if any(absorbs):  # absorbed sequences' outputs, before W_UV
@@ -139,8 +146,11 @@ class MLAttention(nn.Module):
     def _expand(self, cached: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached [L, kv_lora + rope] -> keys [L, heads, nope + rope], values [L, heads, v]."""
         latent, k_pe = cached.split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        kv = self.kv_b_proj(latent).view(-1, self.num_heads, self.nope_dim + self.v_dim)
-        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        kv = self.kv_b_proj(latent)
+        if rowwise.expand_fits(kv, k_pe, self.nope_dim, self.v_dim):  # a GPU's prefill: one pass, no cat
+            return rowwise.expand_latent(kv, k_pe, self.num_heads, self.nope_dim, self.v_dim)
+        heads_kv = kv.view(-1, self.num_heads, self.nope_dim + self.v_dim)
+        k_nope, v = heads_kv.split([self.nope_dim, self.v_dim], dim=-1)
         k = torch.cat((k_nope, k_pe[:, None, :].expand(-1, self.num_heads, -1)), dim=-1)
         return k, v
 

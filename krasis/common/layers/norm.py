@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from krasis.common.kernels.cpu import decode_ops
+from krasis.common.kernels.gpu import rowwise
 
 
 def _cpu_bf16(x: torch.Tensor) -> bool:
@@ -30,6 +31,8 @@ class RMSNorm(nn.Module):
         weight = self._parameters["weight"]  # not self.weight, a Module.__getattr__ call (~1 us; 3 norms a layer)
         if _cpu_bf16(x) and (y := decode_ops.rms_norm(x, weight, self.eps)) is not None:
             return y
+        if rowwise.rms_norm_fits(x, weight):  # a GPU's bf16 prefill: one pass instead of four
+            return rowwise.rms_norm(x, weight, self.eps)
         normed = torch.rms_norm(x.float(), weight.shape, eps=self.eps)
         return weight * normed.to(x.dtype)
 
@@ -39,6 +42,8 @@ class RMSNorm(nn.Module):
         weight = self._parameters["weight"]
         if _cpu_bf16(x) and (fused := decode_ops.add_rms_norm(x, y, weight, self.eps)) is not None:
             return fused
+        if y.dtype == x.dtype and y.shape == x.shape and rowwise.rms_norm_fits(x, weight):
+            return rowwise.rms_norm(x, weight, self.eps, residual=y)
         total = x + y
         return total, self(total)
 

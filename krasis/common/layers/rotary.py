@@ -5,6 +5,7 @@ import math
 import torch
 
 from krasis.common.kernels.cpu import decode_ops
+from krasis.common.kernels.gpu import rowwise
 from krasis.common.kv_cache import ForwardBatch
 from krasis.common.model_config import RopeConfig
 
@@ -117,3 +118,12 @@ def apply_rotary_interleaved(x: torch.Tensor, tables: tuple[torch.Tensor, torch.
     x32 = x.float()
     swapped = x32.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (odd, even) per pair
     return (x32 * cos + swapped * signed_sin).to(x.dtype)
+
+
+def rotate_interleaved_(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """`apply_rotary_interleaved` in place (x may be a view, e.g. the rope part of whole queries) -> x. On a GPU one
+    Triton pass (krasis.common.kernels.gpu.rowwise) instead of six torch ops and a copy."""
+    cos, signed_sin = tables
+    if rowwise.rotary_fits(x, cos):
+        return rowwise.rotate_interleaved_(x, cos, signed_sin)
+    return x.copy_(apply_rotary_interleaved(x, tables))
