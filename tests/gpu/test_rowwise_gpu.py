@@ -29,7 +29,9 @@ def test_the_fused_norm_and_add_compute_what_torch_computes(rows, hidden):
     x = (torch.randn(rows, hidden, device="cuda", generator=gen) * 3).bfloat16()
     y = torch.randn(rows, hidden, device="cuda", generator=gen).bfloat16()
     weight = (1 + torch.randn(hidden, device="cuda", generator=gen) / 4).bfloat16()
-    assert rowwise.rms_norm_fits(x, weight)
+    assert rowwise.rms_norm_fits(x, weight) and rowwise.rms_norm_fits(x, weight, y)
+    strided = torch.zeros(rows, 2 * hidden, device="cuda").bfloat16()[:, ::2]
+    assert not rowwise.rms_norm_fits(x, weight, strided)  # a residual of strided elements takes torch's ops
     assert_within_a_rounding(rowwise.rms_norm(x, weight, 1e-6), torch_norm(x, weight, 1e-6))
     total, normed = rowwise.rms_norm(x, weight, 1e-6, residual=y)
     assert torch.equal(total, x + y)
@@ -54,7 +56,7 @@ def test_rotating_in_place_equals_the_torch_rotary_bit_for_bit(heads):
     tables = interleaved_tables(freqs.cos(), freqs.sin())
     expected = apply_rotary_interleaved(q[..., nope:].clone(), tables)
     before = q[..., :nope].clone()
-    assert rowwise.rotary_fits(q[..., nope:], tables[0])
+    assert rowwise.rotary_fits(q[..., nope:], *tables)
     assert rotate_interleaved_(q[..., nope:], tables).data_ptr() == q[..., nope:].data_ptr()
     assert torch.equal(q[..., nope:], expected)
     assert torch.equal(q[..., :nope], before)  # the rest of each row untouched

@@ -4,7 +4,8 @@
 weight) bit for bit, as one call instead of five: decode runs several norms a layer, each op ~10 us of host time.
 A bf16 RMSNorm on the CPU (the decode pool) is one kernel call instead of that call's ~10 ops and the casts around
 it (~40 us on dev2 against ~3): the same roundings, the sum of squares in another order (bit-equal in bf16 in
-practice; fp32 keeps torch's ops, the exactness reference).
+practice; fp32 keeps torch's ops, the exactness reference). A GPU's bf16 norm (prefill) is one Triton pass, add
+included (krasis.common.kernels.gpu.rowwise), within a bf16 rounding of torch's ops.
 """
 
 import torch
@@ -42,7 +43,7 @@ class RMSNorm(nn.Module):
         weight = self._parameters["weight"]
         if _cpu_bf16(x) and (fused := decode_ops.add_rms_norm(x, y, weight, self.eps)) is not None:
             return fused
-        if y.dtype == x.dtype and y.shape == x.shape and rowwise.rms_norm_fits(x, weight):
+        if rowwise.rms_norm_fits(x, weight, y):
             return rowwise.rms_norm(x, weight, self.eps, residual=y)
         total = x + y
         return total, self(total)

@@ -124,6 +124,6 @@ def rotate_interleaved_(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tenso
     """`apply_rotary_interleaved` in place (x may be a view, e.g. the rope part of whole queries) -> x. On a GPU one
     Triton pass (krasis.common.kernels.gpu.rowwise) instead of six torch ops and a copy."""
     cos, signed_sin = tables
-    if rowwise.rotary_fits(x, cos):
+    if rowwise.rotary_fits(x, cos, signed_sin):
         return rowwise.rotate_interleaved_(x, cos, signed_sin)
     return x.copy_(apply_rotary_interleaved(x, tables))

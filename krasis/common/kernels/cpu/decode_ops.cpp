@@ -24,7 +24,6 @@
 
 #include "amx_tiles.h"
 
-
 namespace {
 
 // ---- elements: fp32 or bf16 (raw bits), read and written as fp32 ----------------------------------------------
@@ -665,15 +664,17 @@ void attend_item(const Views& w, const float* q, const T* k, const T* v, const I
   block_rows<T>(w, k, v, it, it.r0, std::min(BLOCK, it.r1 - it.r0), x.keys.data(), x.values.data());
   for (int64_t r = it.r0; r < it.r1; r += BLOCK) {
     const int64_t n = std::min(BLOCK, it.r1 - r);
-    const Item* following = r + n < it.r1 ? &it : claim_next();
-    if (tiles && following != nullptr) {
-#if KRASIS_AMX
+    const Item* following = r + n < it.r1 ? &it : claim_next();  // whose rows come next
+    if (following != nullptr && (tiles || following == &it)) {
       const int64_t from = following == &it ? r + n : following->r0, rows = std::min(BLOCK, following->r1 - from);
       block_rows<T>(w, k, v, *following, from, rows, x.next_keys.data(), x.next_values.data());
-      const bool values_in_keys = v == k && w.vn == w.kn && w.vh == w.kh && w.Dv <= w.D;  // MLA's latent
-      const auto* values = values_in_keys ? nullptr : reinterpret_cast<const void* const*>(x.next_values.data());
-      fetch.start(reinterpret_cast<const void* const*>(x.next_keys.data()), values, rows, w.D * sizeof(T),
-                  w.Dv * sizeof(T), tile_steps(w, n));
+#if KRASIS_AMX
+      if (tiles) {
+        const bool values_in_keys = v == k && w.vn == w.kn && w.vh == w.kh && w.Dv <= w.D;  // MLA's latent
+        const auto* values = values_in_keys ? nullptr : reinterpret_cast<const void* const*>(x.next_values.data());
+        fetch.start(reinterpret_cast<const void* const*>(x.next_keys.data()), values, rows, w.D * sizeof(T),
+                    w.Dv * sizeof(T), tile_steps(w, n));
+      }
 #endif
     }
     block_scores_of<T>(w, q, n, scale, tiles, x, fetch);
@@ -685,9 +686,7 @@ void attend_item(const Views& w, const float* q, const T* k, const T* v, const I
         for (int64_t d = 0; d < w.Dv; ++d) x.acc[g * w.Dv + d] *= x.alpha[g];
     block_values_of<T>(w, n, tiles, x, fetch);
     fetch.finish();
-    if (tiles && following == &it) std::swap(x.keys, x.next_keys), std::swap(x.values, x.next_values);
-    else if (r + n < it.r1) block_rows<T>(w, k, v, it, r + n, std::min(BLOCK, it.r1 - r - n), x.keys.data(),
-                                          x.values.data());
+    if (following == &it) std::swap(x.keys, x.next_keys), std::swap(x.values, x.next_values);
   }
   std::copy(x.m.begin(), x.m.begin() + w.G, m);
   std::copy(x.l.begin(), x.l.begin() + w.G, l);
@@ -808,11 +807,13 @@ void attention_typed(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 #if KRASIS_AMX
     if (tiles) amx::configure();
 #endif
-    for (int64_t i = claimed++, next = count; i < count; i = next) {
+    for (int64_t i = claimed++; i < count;) {
+      int64_t next = count;
       const auto claim_next = [&]() -> const Item* { return (next = claimed++) < count ? &items[next] : nullptr; };
       const Item& it = items[i];
       attend_item<T>(w, pp + (it.b * Hkv + it.h) * cells, kp, vp, it, claim_next, scale, tiles, m + i * G, l + i * G,
                      acc + i * G * w.Dv, scratch);
+      i = next;
     }
 #if KRASIS_AMX
     if (tiles) amx::release();

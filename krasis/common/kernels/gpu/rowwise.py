@@ -17,9 +17,13 @@ ROTARY_ROWS = 16  # tokens a program rotates (all heads of each)
 EXPAND_ROWS = 4  # tokens a program lays out (all heads of each)
 
 
-def rms_norm_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `rms_norm` runs for these: CUDA bf16/fp16 rows with weights of their dtype, Triton present."""
-    return (triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
+def rms_norm_fits(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> bool:
+    """Whether `rms_norm` runs for these: CUDA bf16/fp16 rows of contiguous elements, a contiguous weight and any
+    residual of their dtype (and the residual of their shape), Triton present."""
+    same = (weight.dtype == x.dtype and weight.is_contiguous()
+            and (residual is None or (residual.dtype == x.dtype and residual.shape == x.shape
+                                      and residual.stride(-1) == 1)))  # fmt: skip
+    return (triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and same
             and x.stride(-1) == 1 and x.numel() > 0)  # fmt: skip
 
 
@@ -40,13 +44,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     return total.view(x.shape), normed.view(x.shape)
 
 
-def rotary_fits(x: torch.Tensor, cos: torch.Tensor) -> bool:
-    """Whether `rotate_interleaved_` runs for these: CUDA x [T, heads, d] (d a power of 2, elements contiguous), fp32
-    tables [T, 1, d], Triton present."""
+def rotary_fits(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> bool:
+    """Whether `rotate_interleaved_` runs for these: CUDA x [T, heads, d] (d a power of 2, elements contiguous),
+    contiguous fp32 tables [T, 1, d], Triton present."""
     dim = x.shape[-1]
+    tables_fit = all(t.dtype == torch.float32 and t.is_contiguous() and t.shape == (x.shape[0], 1, dim)
+                     for t in (cos, signed_sin))  # fmt: skip
     return (triton is not None and x.is_cuda and x.dim() == 3 and x.stride(-1) == 1 and dim >= 2
-            and dim & (dim - 1) == 0 and cos.dtype == torch.float32 and cos.is_contiguous()
-            and x.numel() > 0)  # fmt: skip
+            and dim & (dim - 1) == 0 and tables_fit and x.numel() > 0)  # fmt: skip
 
 
 def rotate_interleaved_(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
