@@ -652,25 +652,25 @@ void block_rows(const Views& w, const T* k, const T* v, const Item& it, int64_t 
 
 // One item's unnormalized softmax state: m [G] (max score), l [G] (sum of e^(s - m)), acc [G][Dv] (sum of
 // e^(s - m) v, its columns in the order of `acc_columns`). q: this KV head's packed queries (their pairs on AMX
-// tiles). claim_next() -> the thread's next item (or null), called once, as the last block starts. On AMX tiles the
-// rows of the block after each (this item's, or the next item's first) are fetched while it computes.
+// tiles). x.keys and x.values hold the rows of the item's first block on entry (block_rows), and on return those of
+// the first block of the item claim_next() gave (called once, as the last block starts; null: none). On AMX tiles
+// the rows of the block after each are fetched while it computes.
 template <class T, class Claim>
 void attend_item(const Views& w, const float* q, const T* k, const T* v, const Item& it, const Claim& claim_next,
                  float scale, bool tiles, float* m, float* l, float* acc, Scratch<T>& x) {
   std::fill_n(x.m.begin(), w.L, -INFINITY);
   std::fill_n(x.l.begin(), w.L, 0.f);
   std::fill_n(x.acc.begin(), w.L * w.Dv, 0.f);
+  [[maybe_unused]] const bool values_in_keys = v == k && w.vn == w.kn && w.vh == w.kh && w.Dv <= w.D;  // MLA's latent
   Fetch fetch;
-  block_rows<T>(w, k, v, it, it.r0, std::min(BLOCK, it.r1 - it.r0), x.keys.data(), x.values.data());
   for (int64_t r = it.r0; r < it.r1; r += BLOCK) {
     const int64_t n = std::min(BLOCK, it.r1 - r);
     const Item* following = r + n < it.r1 ? &it : claim_next();  // whose rows come next
-    if (following != nullptr && (tiles || following == &it)) {
+    if (following != nullptr) {
       const int64_t from = following == &it ? r + n : following->r0, rows = std::min(BLOCK, following->r1 - from);
       block_rows<T>(w, k, v, *following, from, rows, x.next_keys.data(), x.next_values.data());
 #if KRASIS_AMX
       if (tiles) {
-        const bool values_in_keys = v == k && w.vn == w.kn && w.vh == w.kh && w.Dv <= w.D;  // MLA's latent
         const auto* values = values_in_keys ? nullptr : reinterpret_cast<const void* const*>(x.next_values.data());
         fetch.start(reinterpret_cast<const void* const*>(x.next_keys.data()), values, rows, w.D * sizeof(T),
                     w.Dv * sizeof(T), tile_steps(w, n));
@@ -686,7 +686,7 @@ void attend_item(const Views& w, const float* q, const T* k, const T* v, const I
         for (int64_t d = 0; d < w.Dv; ++d) x.acc[g * w.Dv + d] *= x.alpha[g];
     block_values_of<T>(w, n, tiles, x, fetch);
     fetch.finish();
-    if (following == &it) std::swap(x.keys, x.next_keys), std::swap(x.values, x.next_values);
+    std::swap(x.keys, x.next_keys), std::swap(x.values, x.next_values);
   }
   std::copy(x.m.begin(), x.m.begin() + w.G, m);
   std::copy(x.l.begin(), x.l.begin() + w.G, l);
@@ -807,7 +807,11 @@ void attention_typed(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 #if KRASIS_AMX
     if (tiles) amx::configure();
 #endif
-    for (int64_t i = claimed++; i < count;) {
+    int64_t i = claimed++;
+    if (i < count)  // the first block's rows of the thread's first item; attend_item makes those of each next one
+      block_rows<T>(w, kp, vp, items[i], items[i].r0, std::min(BLOCK, items[i].r1 - items[i].r0),
+                    scratch.keys.data(), scratch.values.data());
+    while (i < count) {
       int64_t next = count;
       const auto claim_next = [&]() -> const Item* { return (next = claimed++) < count ? &items[next] : nullptr; };
       const Item& it = items[i];

@@ -20,11 +20,12 @@ EXPAND_ROWS = 4  # tokens a program lays out (all heads of each)
 def rms_norm_fits(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> bool:
     """Whether `rms_norm` runs for these: CUDA bf16/fp16 rows of contiguous elements, a contiguous weight and any
     residual of their dtype (and the residual of their shape), Triton present."""
-    same = (weight.dtype == x.dtype and weight.is_contiguous()
-            and (residual is None or (residual.dtype == x.dtype and residual.shape == x.shape
-                                      and residual.stride(-1) == 1)))  # fmt: skip
-    return (triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and same
-            and x.stride(-1) == 1 and x.numel() > 0)  # fmt: skip
+    if triton is None or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
+        return False  # the CPU paths (decode) leave here, after one attribute read
+    residual_fits = residual is None or (
+        residual.dtype == x.dtype and residual.shape == x.shape and residual.stride(-1) == 1)  # fmt: skip
+    return (weight.dtype == x.dtype and weight.is_contiguous() and residual_fits and x.stride(-1) == 1
+            and x.numel() > 0)  # fmt: skip
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
