@@ -43,10 +43,12 @@ class Timeline:
         self.copies: list[tuple[list[torch.cuda.Event], torch.cuda.Event]] = []  # per group: (may start, ready)
         self.layers: list[tuple[int, torch.cuda.Event, float]] = []  # (layer, end event, host seconds)
         self.start_event, self.start_host = None, 0.0
+        self.marks: dict[str, float] = {}  # host seconds at the step's start, the forward's start, the embedding's end
 
     def reset(self) -> None:
         self.copies.clear()
         self.layers.clear()
+        self.marks.clear()
         self.start_event, self.start_host = _event(), time.perf_counter()
 
     def ms(self, event) -> float:
@@ -90,8 +92,21 @@ def _event(stream=None) -> torch.cuda.Event:
     return event
 
 
-def instrument(runner: StreamingPrefill, timeline: Timeline) -> None:
+def instrument(core, runner: StreamingPrefill, timeline: Timeline) -> None:
     prefetch, release, released = runner._prefetch, runner._release, {}
+    step, forward, embed = core.step, runner.forward, runner._embed
+
+    def marked(name: str, fn):
+        def call(*args, **kwargs):
+            timeline.marks.setdefault(name, time.perf_counter())
+            return fn(*args, **kwargs)
+
+        return call
+
+    def timed_embed(input_ids):
+        rows = embed(input_ids)
+        timeline.marks["embedded"] = time.perf_counter()
+        return rows
 
     def timed_prefetch(g: int) -> None:
         starts = [_event(runner.copy_stream)]  # the copy starts after this and after the buffer's last user is done
@@ -105,6 +120,7 @@ def instrument(runner: StreamingPrefill, timeline: Timeline) -> None:
         release(g)
 
     runner._prefetch, runner._release = timed_prefetch, timed_release
+    core.step, runner.forward, runner._embed = marked("step", step), marked("forward", forward), timed_embed
     for i, layer in enumerate(runner.model.model.layers):
         layer.register_forward_hook(lambda m, a, out, i=i: timeline.layers.append((i, _event(), time.perf_counter())))
 
@@ -117,6 +133,7 @@ def report(timeline: Timeline, tokens: int, ttft: float, tokenize: float, link: 
         ends[i] = (timeline.ms(event), (host - timeline.start_host) * 1e3)
     copies = [(max(timeline.ms(a) for a in starts), timeline.ms(b)) for starts, b in timeline.copies]
     print(f"\n{tokens} tokens: TTFT {ttft * 1e3:.1f} ms (tokenize {tokenize * 1e3:.1f} ms)")
+    print("host at: " + ", ".join(f"{name} {(t - timeline.start_host) * 1e3:.1f} ms" for name, t in timeline.marks.items()))
     print(f"{'layer':>5} {'gpu end ms':>10} {'host ms':>8} {'layer ms':>8}   copy of its group: start-end ms (GB/s)")
     previous = 0.0
     group_of = {}
@@ -157,11 +174,11 @@ def main() -> None:
     print(prefill.plan)
     runner = prefill.runner
     timeline = Timeline(runner.plan.groups)
-    instrument(runner, timeline)
     group_bytes = [sum(runner.plan.layer_expert_bytes[i] for i in g) for g in runner.plan.groups]
     link = measure_pinned_link_rate("cuda") / 1e9
     tokenizer = Tokenizer.from_dir(model_dir)
     pipeline = BenchPipeline(prefill, decode_model, tokenizer, max(args.tokens) + 8, args.chunk, dtype)
+    instrument(pipeline.prefill, runner, timeline)
     print(f"a full collection: {full_collection_ms():.1f} ms with the loaded objects frozen, ", end="")
     gc.unfreeze()
     print(f"{full_collection_ms():.1f} ms with them in its scans")
