@@ -4,9 +4,10 @@ memory (the memory-mapped cache, or the CPU model's parameters) and reach the de
 StackedExperts is replaced, whatever the architecture."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from krasis.common.kernels.gpu.dequant import block_scratch_bytes
+from krasis.common.kernels.gpu.dequant import block_scratch_bytes, dequantize_into
 from krasis.common.kernels.gpu.fused_moe import DEQUANTIZE_FIRST_ROWS
 from krasis.common.kernels.gpu.moe import moe_experts
 from krasis.common.layers.attention import PAST_BLOCK, QUERY_BUCKET, cudnn_shapes_ok
@@ -97,6 +98,55 @@ class HostLmHead(nn.Module):
         return self.host(x.cpu()).to(x.device)
 
 
+class DequantScratch(nn.Module):
+    """Where the device's quantized linears are dequantized before their GEMMs: one region per position of a linear
+    within its layer (`scratch_layout`), so a layer's linears never overwrite each other, and a region remembers whose
+    weight it holds: the chunks of a step after the first, which run the same layer next, reuse it."""
+
+    def __init__(self, numel: int, dtype: torch.dtype, device):
+        super().__init__()
+        self.register_buffer("buffer", torch.empty(numel, dtype=dtype, device=device), persistent=False)
+        self.holder: dict[int, "DeviceQuantLinear"] = {}  # region offset -> the linear whose weight it holds
+
+    def weight(self, linear: "DeviceQuantLinear") -> torch.Tensor:
+        n, k = linear.weight_q.shape
+        view = self.buffer[linear.offset : linear.offset + n * k].view(n, k)
+        if self.holder.get(linear.offset) is not linear:
+            dequantize_into(linear.weight_q, view)  # the bits `dequantize` gives: the same products as a bf16 copy
+            self.holder[linear.offset] = linear
+        return view
+
+
+class DeviceQuantLinear(nn.Module):
+    """A quantized linear (QuantLinear's weight) kept on the device as stored, a quarter (q4) or half (q8) of its
+    bf16 bytes, and dequantized into its scratch region when called (once a step and layer: see DequantScratch)."""
+
+    def __init__(self, weight: QuantizedWeight, bias: nn.Parameter | None, scratch: DequantScratch, offset: int):
+        super().__init__()
+        self.register_buffer("qweight", weight.qweight, persistent=False)
+        self.register_buffer("scales", weight.scales, persistent=False)
+        self.weight_q, self.bias, self.offset = weight, bias, offset
+        self.scratch = [scratch]  # in a list: not a submodule of every linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.scratch[0].weight(self), self.bias)
+
+
+def scratch_layout(model) -> tuple[dict[str, int], int]:
+    """({name of a decoder layer's QuantLinear: its region's offset in the scratch}, scratch elements): the k-th
+    quantized linear of every layer shares region k, as large as the largest k-th one."""
+    sizes: list[int] = []
+    position: dict[str, int] = {}
+    for layer_name, layer in model.model.layers.named_children():
+        linears = [(name, m) for name, m in layer.named_modules() if isinstance(m, QuantLinear)]
+        for k, (name, linear) in enumerate(linears):
+            position[f"model.layers.{layer_name}.{name}"] = k
+            sizes += [0] * (k + 1 - len(sizes))
+            sizes[k] = max(sizes[k], linear.weight_q.shape[0] * linear.weight_q.shape[1])
+    offsets = [sum(sizes[:k]) for k in range(len(sizes))]
+    return {name: offsets[k] for name, k in position.items()}, sum(sizes)
+
+
 def build_device_model(model, device, host_embedding: bool = False,
                        host_lm_head: bool = False) -> tuple[nn.Module, dict[int, StreamedExperts]]:  # fmt: skip
     """(device copy of `model` without its routed experts, {layer index: its StreamedExperts}); `model` is untouched.
@@ -121,16 +171,26 @@ def build_device_model(model, device, host_embedding: bool = False,
         return copied[id(t)]
 
     skip = tuple(f"{name}." for name in _experts_modules(model))
+    layout, scratch_numel = scratch_layout(model)
+    if scratch_numel:
+        clone.dequant_scratch = DequantScratch(scratch_numel, model.model.embed_tokens.weight.dtype, device)
     for name, module in model.named_modules():
         host = module is clone.model.embed_tokens or (host_lm_head and module is model.lm_head)
         if isinstance(module, StackedExperts) or name.startswith(skip) or host:
             continue
-        target = clone.get_submodule(name)
         if isinstance(module, QuantLinear):
-            qw = module.weight_q
-            dtype = model.model.embed_tokens.weight.dtype
-            weight = dequantize(QuantizedWeight(qw.spec, qw.shape, to_device(qw.qweight), to_device(qw.scales)), dtype)
-            target.weight = nn.Parameter(weight, requires_grad=False)
+            qw, bias = module.weight_q, module.bias
+            weight = QuantizedWeight(qw.spec, qw.shape, to_device(qw.qweight), to_device(qw.scales))
+            if name in layout:  # a decoder layer's: kept as stored
+                bias = None if bias is None else nn.Parameter(to_device(bias), requires_grad=False)
+                parent, _, child = name.rpartition(".")
+                linear = DeviceQuantLinear(weight, bias, clone.dequant_scratch, layout[name])
+                setattr(clone.get_submodule(parent), child, linear)
+                continue
+            # outside the layers (a quantized lm_head): dequantized once, as its scratch would be as large
+            clone.get_submodule(name).weight = nn.Parameter(dequantize(weight, model.model.embed_tokens.weight.dtype),
+                                                            requires_grad=False)  # fmt: skip
+        target = clone.get_submodule(name)
         for pname, param in module.named_parameters(recurse=False):
             setattr(target, pname, nn.Parameter(to_device(param), requires_grad=False))
         for bname, buf in module.named_buffers(recurse=False):
@@ -141,9 +201,9 @@ def build_device_model(model, device, host_embedding: bool = False,
     return clone.eval().requires_grad_(False), experts
 
 
-def _device_bytes(module: nn.Module, dtype: torch.dtype, skip_ids: set[int], counted: set[int]) -> int:
-    """Bytes `module`'s own tensors take on the device (QuantLinear dequantized to `dtype`); each tensor (and each
-    QuantLinear) once."""
+def _device_bytes(module: nn.Module, dtype: torch.dtype, skip_ids: set[int], counted: set[int], stored: bool) -> int:
+    """Bytes `module`'s own tensors take on the device, each tensor once; a QuantLinear's as stored (`stored`: a
+    decoder layer's) or dequantized to `dtype`."""
     total = 0
     for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
         if id(t) not in skip_ids and id(t) not in counted:
@@ -151,7 +211,8 @@ def _device_bytes(module: nn.Module, dtype: torch.dtype, skip_ids: set[int], cou
             total += t.nbytes
     if isinstance(module, QuantLinear) and id(module) not in counted:  # its weight is no tensor of the module's
         counted.add(id(module))
-        total += module.weight_q.shape[0] * module.weight_q.shape[1] * dtype.itemsize
+        n, k = module.weight_q.shape
+        total += module.weight_q.nbytes if stored else n * k * dtype.itemsize
     return total
 
 
@@ -163,13 +224,15 @@ def measure_weights(model) -> ModelWeights:
     counted: set[int] = set()
     layers = []
     for i, layer in enumerate(model.model.layers):
-        resident = sum(_device_bytes(m, dtype, expert_ids, counted) for m in layer.modules() if not isinstance(m, StackedExperts))
+        resident = sum(_device_bytes(m, dtype, expert_ids, counted, True) for m in layer.modules()
+                       if not isinstance(m, StackedExperts))  # fmt: skip
         routed = sum(StreamedExperts(i, m).nbytes for m in layer.modules() if isinstance(m, StackedExperts))
         layers.append(LayerWeights(i, resident, routed))
-    other = sum(_device_bytes(m, dtype, expert_ids, counted) for m in model.modules())  # what no layer counted
+    other = sum(_device_bytes(m, dtype, expert_ids, counted, False) for m in model.modules())  # what no layer counted
+    other += scratch_layout(model)[1] * dtype.itemsize  # where the layers' quantized linears are dequantized
     embedding = model.model.embed_tokens.weight
     untied = embedding is not getattr(model.lm_head, "weight", None)
-    lm_head = _device_bytes(model.lm_head, dtype, set(), set()) if untied else 0
+    lm_head = _device_bytes(model.lm_head, dtype, set(), set(), False) if untied else 0
     return ModelWeights(other, tuple(layers), embedding.nbytes if untied else 0, lm_head)
 
 

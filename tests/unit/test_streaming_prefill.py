@@ -5,11 +5,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch import nn
 
 from krasis.common.kernels.gpu.moe import grouped_experts, reference_experts
 from krasis.common.kv_cache import KVCache
 from krasis.common.quant.formats import QuantSpec, dequantize, quantize
-from krasis.gpu_worker.device_model import activation_shape, build_device_model, measure_weights
+from krasis.gpu_worker.device_model import DeviceQuantLinear, activation_shape, build_device_model, measure_weights
 from krasis.gpu_worker import kv_handoff
 from krasis.gpu_worker.kv_handoff import KVHandOff
 from krasis.gpu_worker.prefill_runner import CpuPrefillRoute, build_prefill_runner, cpu_prefill
@@ -204,3 +205,24 @@ def test_planned_weights_are_the_device_model_s_bytes_with_quantized_shared_expe
     on_device = sum(t.nbytes for t in [*device_model.parameters(), *device_model.buffers()])
     weights = measure_weights(model)
     assert weights.total_bytes - sum(layer.expert_bytes for layer in weights.layers) == on_device
+
+
+def test_layers_quantized_linears_stay_as_stored_and_compute_as_dequantized(tmp_path):
+    """A decoder layer's quantized linears stay q4/q8 on the device and are dequantized into a scratch region when
+    called, reused by the step's later chunks: the same bits as bf16 copies, chunk after chunk and step after step."""
+    raw, plan = presets.preset_config("tiny"), QuantPlan.parse("q4", "q8:g32")  # quantized attention and shared experts
+    model_dir = bench_model_dir("tiny", raw, seed=3, root=tmp_path / "models")
+    ensure_random_cache(model_dir, plan, tmp_path / "quant")
+    model = load_model(model_dir, dtype=torch.bfloat16, quant=plan, cache_root=tmp_path / "quant")
+    runner = build_prefill_runner(model, "cpu", chunk_tokens=16, step_tokens=64)
+    stored = [m for m in runner.model.modules() if isinstance(m, DeviceQuantLinear)]
+    assert len(stored) >= 2 * raw["num_hidden_layers"]  # regions shared across layers, reused across chunks
+    prompts = [PROMPT, PROMPT[::-1]]
+    outputs = [runner.prefill_prompt(p) for p in prompts]
+    for linear in stored:  # the same model with bf16 copies of the weights
+        parent, _, child = next(n for n, m in runner.model.named_modules() if m is linear).rpartition(".")
+        plain = nn.Linear(*reversed(linear.weight_q.shape), bias=linear.bias is not None, dtype=torch.bfloat16)
+        plain.weight.data, plain.bias = dequantize(linear.weight_q, torch.bfloat16), linear.bias
+        setattr(runner.model.get_submodule(parent), child, plain)
+    for prompt, output in zip(prompts, outputs):
+        assert torch.equal(runner.prefill_prompt(prompt), output)
