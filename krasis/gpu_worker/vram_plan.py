@@ -2,7 +2,6 @@
 set aside for activations and KV staging. Pure arithmetic over byte counts (no torch), so it is tested on
 any machine; `krasis.gpu_worker.device_model.measure_weights` supplies the byte counts of a real model."""
 
-import itertools
 from dataclasses import dataclass, field, replace
 
 GiB = 1 << 30
@@ -185,22 +184,26 @@ def plan_vram(
     slack = (64 << 20) + budget_bytes // 25 if slack_bytes is None else slack_bytes
     state_slots = state_slots if shape.state_bytes_per_seq else 0
     chunk = min(chunk_tokens, step_tokens)
-    # a smaller chunk costs GEMM efficiency on every layer; the host embedding costs a lookup of the step's rows, the
-    # host lm_head the logits of a few rows on the CPU: both go to the host before the chunk shrinks; so does the
-    # scratch of dequantizing experts first (they are then dequantized in the GEMM tiles, at about half the speed)
-    choices = [(False, False)]
-    if weights.embedding_bytes:
-        choices.append((True, False))
-    if weights.lm_head_bytes:
-        choices.append((bool(weights.embedding_bytes), True))
+    # a smaller chunk costs GEMM efficiency on every layer; the host embedding costs a lookup of the step's rows
+    # (~4 ms for 32K tokens), the host lm_head the logits of a few rows on the CPU: both go to the host before the
+    # chunk shrinks; so does the scratch of dequantizing experts first (they are then dequantized in the GEMM tiles,
+    # at about half the speed). The embedding also goes when that keeps more experts resident: a layer's experts
+    # cost a copy per prompt (~5 ms on V2-Lite), which bounds prompts up to ~8K tokens.
+    embedding = [(False, False), (True, False)] if weights.embedding_bytes else [(False, False)]
+    lm_head = [(bool(weights.embedding_bytes), True)] if weights.lm_head_bytes else []
     shapes = [shape, replace(shape, expert_scratch_bytes=0)] if shape.expert_scratch_bytes else [shape]
     while True:
-        for chunk_shape, (host_embedding, host_lm_head) in itertools.product(shapes, choices):
-            try:
-                return plan_for_chunk(weights, chunk_shape, budget_bytes, chunk, step_tokens, group_layers, slack,
-                                      state_slots, host_embedding, host_lm_head)  # fmt: skip
-            except VramBudgetError as exc:
-                error = exc
+        for chunk_shape in shapes:
+            for choices in (embedding, lm_head):
+                plans = []
+                for host_embedding, host_lm_head in choices:
+                    try:
+                        plans.append(plan_for_chunk(weights, chunk_shape, budget_bytes, chunk, step_tokens, group_layers,
+                                                    slack, state_slots, host_embedding, host_lm_head))  # fmt: skip
+                    except VramBudgetError as exc:
+                        error = exc
+                if plans:  # the fewest streamed bytes; of equals, the first (the embedding on the device)
+                    return min(plans, key=lambda p: p.streamed_bytes)
         if chunk <= MIN_CHUNK_TOKENS:
             raise error
         chunk = max(MIN_CHUNK_TOKENS, chunk // 2)

@@ -39,7 +39,8 @@ PROMPT = [int(t) for t in torch.randint(0, 256, (45,), generator=torch.Generator
 
 def streaming_plan(model, chunk_tokens, resident_layers=0, group_layers=1, step_tokens=64):
     """A plan whose budget holds the resident set, two buffers and nothing more: experts must stream."""
-    weights, shape = measure_weights(model), activation_shape(model)
+    # the embedding bound to the device: else the planner would move it to the host to keep every expert resident
+    weights, shape = dataclasses.replace(measure_weights(model), embedding_bytes=0), activation_shape(model)
     base = plan_vram(weights, shape, 1 << 40, chunk_tokens, step_tokens, slack_bytes=0)
     layer = max(base.layer_expert_bytes.values())
     budget = base.total_bytes - sum(base.layer_expert_bytes.values()) + (2 * group_layers + resident_layers) * layer

@@ -65,11 +65,28 @@ def test_a_tight_budget_halves_the_chunk_before_giving_up():
 
 def test_the_input_embedding_leaves_the_device_before_the_chunk_shrinks():
     untied = ModelWeights(1200 * MiB, weights().layers, embedding_bytes=400 * MiB)
-    fits = plan_vram(untied, SHAPE, 2800 * MiB, 4096, 8192, slack_bytes=0)
-    assert not fits.host_embedding
+    assert not plan_vram(untied, SHAPE, 100_000 * MiB, 4096, 8192, slack_bytes=0).host_embedding  # all resident
     tight = plan_vram(untied, SHAPE, 2500 * MiB, 4096, 8192, slack_bytes=0)
     assert tight.host_embedding and tight.chunk_tokens == 4096 and tight.total_bytes <= 2500 * MiB
     assert "input embedding on the host" in tight.describe()
+
+
+@pytest.mark.parametrize("expert_mib", [300, 500])
+def test_the_input_embedding_leaves_the_device_when_that_keeps_more_experts_resident(expert_mib):
+    layers = weights(expert=expert_mib * MiB).layers
+    untied = ModelWeights(1200 * MiB, layers, embedding_bytes=400 * MiB)
+    pinned = ModelWeights(1200 * MiB, layers)  # the same bytes, the embedding bound to the device
+    moved = []  # budgets where the full chunk fits either way and the embedding left for more resident experts
+    for budget in range(3000, 5000, 100):
+        device = plan_vram(pinned, SHAPE, budget * MiB, 4096, 8192, slack_bytes=0)
+        chosen = plan_vram(untied, SHAPE, budget * MiB, 4096, 8192, slack_bytes=0)
+        assert chosen.streamed_bytes <= device.streamed_bytes and chosen.total_bytes <= budget * MiB
+        if device.chunk_tokens < 4096:  # the chunk would shrink: the embedding leaves anyway (the test above)
+            assert chosen.host_embedding and chosen.chunk_tokens == 4096
+            continue
+        assert chosen.host_embedding == (chosen.streamed_bytes < device.streamed_bytes)
+        moved += [budget] if chosen.host_embedding else []
+    assert moved  # the rule was exercised
 
 
 def test_state_rows_are_planned_for_models_with_state():
