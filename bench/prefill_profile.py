@@ -56,7 +56,8 @@ def print_idle(events: list[dict], threshold_us: float = 5.0) -> None:
     """The GPU's idle gaps (over threshold_us) between its kernels, copies and sets, summed by the innermost krasis
     function on the host stack when the work after the gap was launched."""
     gpu = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
-    launches = {e["args"].get("correlation"): e for e in events if e.get("cat") == "cuda_runtime"}
+    # runtime launches (torch's kernels) and driver launches (Triton's, through cuLaunchKernelEx)
+    launches = {e["args"].get("correlation"): e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")}
     frames = [e for e in events if e.get("cat") == "python_function" and "krasis/" in e["name"]]
     idle, by_site, end = 0.0, defaultdict(lambda: [0, 0.0]), gpu[0]["ts"] + gpu[0]["dur"]
     for e in gpu[1:]:

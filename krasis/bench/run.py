@@ -35,7 +35,7 @@ class BenchOptions:
     prompt_tokens: tuple[int, ...] = (2048, 8192, 32768)
     decode_contexts: tuple[int, ...] = (512, 32768)
     decode_tokens: int = 64
-    chunk_tokens: int = 8192
+    chunk_tokens: int = 16384
     vram_budget_gib: float | None = None
     seed: int = 0
     cache_dir: str | None = None

@@ -33,7 +33,8 @@ def token_counts(ctx, param, text: str) -> tuple[int, ...]:
 @click.option("--prompt-tokens", default="2K,8K,32K", show_default=True, callback=token_counts, help="Prefill prompt lengths.")
 @click.option("--decode-context", "decode_contexts", default="0.5K,32K", show_default=True, callback=token_counts, help="Contexts to decode at.")
 @click.option("--decode-tokens", type=click.IntRange(min=1), default=64, show_default=True, help="Tokens decoded at each context.")
-@click.option("--chunk-tokens", type=click.IntRange(min=1), default=8192, show_default=True, help="Prefill tokens per forward.")
+@click.option("--chunk-tokens", type=click.IntRange(min=1), default=16384, show_default=True,
+              help="The largest prefill chunk (the VRAM plan halves it until it fits).")
 @click.option("--vram-budget", "vram_budget_gib", type=click.FloatRange(min=0, min_open=True), help="GiB for the streaming prefill [default: free VRAM].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights and prompts.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Quantized cache root [default: $KRASIS_CACHE_DIR].")

@@ -12,6 +12,7 @@ from krasis.common.kernels.gpu.fused_moe import DEQUANTIZE_FIRST_ROWS
 from krasis.common.kernels.gpu.moe import moe_experts
 from krasis.common.layers.attention import PAST_BLOCK, QUERY_BUCKET, cudnn_shapes_ok
 from krasis.common.layers.moe import StackedExperts
+from krasis.common.layers.norm import RMSNorm
 from krasis.common.quant.formats import QuantizedWeight, dequantize
 from krasis.common.quant.modules import QuantLinear
 from krasis.gpu_worker.vram_plan import BUFFER_ALIGN, ActivationShape, LayerWeights, ModelWeights
@@ -244,9 +245,11 @@ def attention_widths(config) -> tuple[int, int, int]:
     return heads, qk_dim, getattr(config, "v_head_dim", None) or head_dim
 
 
-def activation_shape(model, kv_dtype_bytes: int | None = None, cudnn: bool = False) -> ActivationShape:
+def activation_shape(model, kv_dtype_bytes: int | None = None, cudnn: bool = False,
+                     fused_norms: bool = False) -> ActivationShape:  # fmt: skip
     """The planner's view of prefill activations, from the model's config (DeepSeek MLA, GQA, linear attention);
-    `cudnn`: the device runs cuDNN's fused attention, through which MLA expands its context a block at a time."""
+    `cudnn`: the device runs cuDNN's fused attention, through which MLA expands its context a block at a time;
+    `fused_norms`: its RMSNorms run as one kernel (kernels.gpu.rowwise), without fp32 copies of their rows."""
     cfg, dtype = model.config, model.model.embed_tokens.weight.dtype
     d, (heads, qk_dim, v_dim) = dtype.itemsize, attention_widths(cfg)
     kv_width = max(model.kv_widths)
@@ -267,7 +270,14 @@ def activation_shape(model, kv_dtype_bytes: int | None = None, cudnn: bool = Fal
         query_bucket=QUERY_BUCKET if squares else 0,
         expert_scratch_bytes=expert_scratch_bytes(experts[0], d) if experts else 0,
         dequantize_first_rows=DEQUANTIZE_FIRST_ROWS,
+        norm_fp32_copies=not (fused_norms and dtype in (torch.bfloat16, torch.float16) and _plain_norms(model)),
     )  # fmt: skip
+
+
+def _plain_norms(model) -> bool:
+    """Whether every norm of the decoder layers is an RMSNorm, whose GPU path is the fused row-wise kernel."""
+    norms = [m for layer in model.model.layers for name, m in layer.named_modules() if name.endswith("norm")]
+    return bool(norms) and all(type(m) is RMSNorm for m in norms)
 
 
 def expert_scratch_bytes(experts: StackedExperts, dtype_bytes: int) -> int:

@@ -10,6 +10,7 @@ import logging
 
 import torch
 
+from krasis.common.kernels.gpu.rowwise import rowwise_runs
 from krasis.common.layers.attention import cudnn_attention_runs
 from krasis.gpu_worker.device_model import activation_shape, build_device_model, measure_weights
 from krasis.gpu_worker.prefill_cost import PrefillRates, measure_pinned_link_rate, measure_tokens_per_s, prefers_cpu
@@ -19,7 +20,7 @@ from krasis.gpu_worker.vram_plan import GiB, VramPlan, plan_vram
 log = logging.getLogger("krasis.gpu_worker")
 
 DEFAULT_MARGIN_BYTES = 1 * GiB  # left free under the default budget: CUDA context growth, other processes
-DEFAULT_CHUNK_TOKENS = 4096
+DEFAULT_CHUNK_TOKENS = 16384  # the plan halves it until it fits: fewer, larger chunks cost less a layer at 32K
 RATE_PROBE_TOKENS = {"gpu": 2048, "cpu": 64}
 
 
@@ -35,7 +36,7 @@ def default_budget_bytes(device) -> int:
 def plan_for(model, device, vram_budget_gib: float | None, chunk_tokens: int, step_tokens: int,
              group_layers: int = 1, kv_dtype_bytes: int | None = None) -> VramPlan:  # fmt: skip
     budget = default_budget_bytes(device) if vram_budget_gib is None else int(vram_budget_gib * GiB)
-    shape = activation_shape(model, kv_dtype_bytes, cudnn=cudnn_attention_runs(device))
+    shape = activation_shape(model, kv_dtype_bytes, cudnn=cudnn_attention_runs(device), fused_norms=rowwise_runs(device))
     return plan_vram(measure_weights(model), shape, budget, chunk_tokens, step_tokens, group_layers)
 
 

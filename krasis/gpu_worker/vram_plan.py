@@ -55,12 +55,13 @@ class ActivationShape:
     query_bucket: int = 0  # cuDNN calls pad a chunk's square to a multiple of this from one earlier (0: no cuDNN)
     expert_scratch_bytes: int = 0  # quantized experts dequantized a block at a time before their GEMMs (0: never)
     dequantize_first_rows: int = 0  # ... for chunks of at least this many routed rows an expert on average
+    norm_fp32_copies: bool = True  # the norms make fp32 copies of their rows (torch's ops; the GPU's fused kernel not)
 
     def chunk_bytes(self, chunk: int, context: int) -> int:
         """Peak transient bytes of one chunk of `chunk` tokens attending over `context` tokens: its layer input,
         norms and residuals, then attention or the routed experts (never both alive at once)."""
         d, h = self.dtype_bytes, self.hidden_size
-        io = chunk * h * (4 * d + 8)  # x rows, norm output, mixer output, residual; the norms' fp32 copies
+        io = chunk * h * (4 * d + 8 * self.norm_fp32_copies)  # x rows, norm output, mixer output, residual; fp32 copies
         square = chunk + self.query_bucket  # the chunk's own keys, from the bucket boundary before it
         if self.attention_block:  # the context's cached rows read back; one block (or the square) expanded at a time
             expanded = min(context, max(square, self.attention_block))

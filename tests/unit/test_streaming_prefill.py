@@ -227,3 +227,10 @@ def test_layers_quantized_linears_stay_as_stored_and_compute_as_dequantized(tmp_
         setattr(runner.model.get_submodule(parent), child, plain)
     for prompt, output in zip(prompts, outputs):
         assert torch.equal(runner.prefill_prompt(prompt), output)
+
+
+@pytest.mark.parametrize("config, plain", [(CONFIG, True), (TINY_QWEN3_NEXT, False)])
+def test_the_plan_counts_norm_copies_unless_every_norm_runs_fused(config, plain):
+    model = random_model(config, torch.bfloat16, None)
+    assert activation_shape(model, fused_norms=False).norm_fp32_copies  # torch's norms copy to fp32
+    assert activation_shape(model, fused_norms=True).norm_fp32_copies != plain  # Qwen3-Next's gated norms still do

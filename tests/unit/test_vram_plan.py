@@ -181,3 +181,9 @@ def test_the_dequantizing_scratch_counts_for_large_chunks_and_goes_before_the_ch
     tight = plan_vram(weights(), scratch, smallest * MiB, 4096, 8192, slack_bytes=0)
     assert tight.chunk_tokens == 4096 and tight.expert_scratch_bytes == 0 and tight.total_bytes <= smallest * MiB
     assert "dequantized" not in tight.describe()
+
+
+def test_fused_norms_hold_no_fp32_copies_of_the_chunk():
+    fused = dataclasses.replace(SHAPE, norm_fp32_copies=False)
+    for chunk in (256, 4096, 16384):
+        assert SHAPE.chunk_bytes(chunk, 32768) - fused.chunk_bytes(chunk, 32768) == chunk * SHAPE.hidden_size * 8

@@ -17,6 +17,11 @@ ROTARY_ROWS = 16  # tokens a program rotates (all heads of each)
 EXPAND_ROWS = 4  # tokens a program lays out (all heads of each)
 
 
+def rowwise_runs(device) -> bool:
+    """Whether this module's kernels run on `device` (a CUDA device, Triton installed)."""
+    return triton is not None and torch.device(device).type == "cuda"
+
+
 def rms_norm_fits(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> bool:
     """Whether `rms_norm` runs for these: CUDA bf16/fp16 rows of contiguous elements, a contiguous weight and any
     residual of their dtype (and the residual of their shape), Triton present."""
