@@ -43,8 +43,9 @@ class ParallelEncoder:
         normalizer = spec.get("normalizer")
         if normalizer is not None and normalizer.get("type") != "NFC":
             return None
-        if (spec.get("model") or {}).get("type") != "BPE" or not _known_pre_tokenizer(spec.get("pre_tokenizer")):
-            return None
+        model = spec.get("model") or {}
+        if model.get("type") != "BPE" or model.get("dropout") or not _known_pre_tokenizer(spec.get("pre_tokenizer")):
+            return None  # (BPE dropout: a random encoding either way)
         added = [token.content for token in backend.get_added_tokens_decoder().values()]
         return cls(backend, normalizer is not None, added, **kwargs)
 
