@@ -133,7 +133,8 @@ def report(timeline: Timeline, tokens: int, ttft: float, tokenize: float, link: 
         ends[i] = (timeline.ms(event), (host - timeline.start_host) * 1e3)
     copies = [(max(timeline.ms(a) for a in starts), timeline.ms(b)) for starts, b in timeline.copies]
     print(f"\n{tokens} tokens: TTFT {ttft * 1e3:.1f} ms (tokenize {tokenize * 1e3:.1f} ms)")
-    print("host at: " + ", ".join(f"{name} {(t - timeline.start_host) * 1e3:.1f} ms" for name, t in timeline.marks.items()))
+    marks = (f"{name} {(t - timeline.start_host) * 1e3:.1f} ms" for name, t in timeline.marks.items())
+    print("host at: " + ", ".join(marks))
     print(f"{'layer':>5} {'gpu end ms':>10} {'host ms':>8} {'layer ms':>8}   copy of its group: start-end ms (GB/s)")
     previous = 0.0
     group_of = {}

@@ -36,7 +36,8 @@ def default_budget_bytes(device) -> int:
 def plan_for(model, device, vram_budget_gib: float | None, chunk_tokens: int, step_tokens: int,
              group_layers: int = 1, kv_dtype_bytes: int | None = None) -> VramPlan:  # fmt: skip
     budget = default_budget_bytes(device) if vram_budget_gib is None else int(vram_budget_gib * GiB)
-    shape = activation_shape(model, kv_dtype_bytes, cudnn=cudnn_attention_runs(device), fused_norms=rowwise_runs(device))
+    fused = {"cudnn": cudnn_attention_runs(device), "fused_norms": rowwise_runs(device)}
+    shape = activation_shape(model, kv_dtype_bytes, **fused)
     return plan_vram(measure_weights(model), shape, budget, chunk_tokens, step_tokens, group_layers)
 
 

@@ -146,7 +146,7 @@ def chunk_batches(plan: Plan, kv: KVCache, device, chunk_tokens: int):
     input_ids, whole = forward_batch(plan, kv, device)
     if input_ids.numel() <= chunk_tokens:  # the step in one chunk: its batch is the whole step's
         return input_ids, [(slice(0, input_ids.numel()), whole)], whole
-    pieces: list[Plan] = [[]]
+    pieces: list[list[tuple]] = [[]]  # each chunk's (sequence, its first position in the chunk, tokens)
     room = chunk_tokens
     for seq, take in plan:
         done = 0

@@ -188,8 +188,8 @@ def plan_vram(
     # a smaller chunk costs GEMM efficiency on every layer; the host embedding costs a lookup of the step's rows
     # (~4 ms for 32K tokens), the host lm_head the logits of a few rows on the CPU: both go to the host before the
     # chunk shrinks; so does the scratch of dequantizing experts first (they are then dequantized in the GEMM tiles,
-    # at about half the speed). The embedding also goes when that keeps more experts resident: a layer's experts
-    # cost a copy per prompt (~5 ms on V2-Lite), which bounds prompts up to ~8K tokens.
+    # at about half the speed). The embedding also goes when that keeps more experts resident: each streamed layer's
+    # experts cost every prompt a copy (~5 ms on V2-Lite), the time of prompts up to ~8K tokens, which PCIe bounds.
     embedding = [(False, False), (True, False)] if weights.embedding_bytes else [(False, False)]
     lm_head = [(bool(weights.embedding_bytes), True)] if weights.lm_head_bytes else []
     shapes = [shape, replace(shape, expert_scratch_bytes=0)] if shape.expert_scratch_bytes else [shape]
@@ -199,8 +199,8 @@ def plan_vram(
                 plans = []
                 for host_embedding, host_lm_head in choices:
                     try:
-                        plans.append(plan_for_chunk(weights, chunk_shape, budget_bytes, chunk, step_tokens, group_layers,
-                                                    slack, state_slots, host_embedding, host_lm_head))  # fmt: skip
+                        plans.append(plan_for_chunk(weights, chunk_shape, budget_bytes, chunk, step_tokens,
+                                                    group_layers, slack, state_slots, host_embedding, host_lm_head))
                     except VramBudgetError as exc:
                         error = exc
                 if plans:  # the fewest streamed bytes; of equals, the first (the embedding on the device)

@@ -14,6 +14,7 @@ from tests.unit.tokenizer_fixtures import (  # noqa: F401 (fixtures)
     SAMPLE_TEXTS,
     build_sentencepiece_tokenizer,
     model_dir,
+    reference,
     style,
     tokenizer,
 )
@@ -43,13 +44,15 @@ def test_pieces_give_the_serial_ids(tokenizer, seed):
     assert encoder.encode(text) == tokenizer.backend.encode(text, add_special_tokens=False).ids
 
 
-def test_long_texts_go_in_pieces_through_encode(model_dir):
+def test_long_texts_go_in_pieces_through_encode_with_transformers_ids(model_dir, reference):
     text = " ".join(random.Random(1).choice(CORPUS.split()) for _ in range(6000))
     tokenizer = Tokenizer.from_dir(model_dir)
     tokenizer._parallel.max_pieces = 4  # as on a 4-core machine (the default is this machine's core count)
     assert tokenizer._parallel.cuts(text)  # long enough to be cut at the default piece size
     for special in (False, True):
-        assert tokenizer.encode(text, add_special_tokens=special) == tokenizer.backend.encode(text, add_special_tokens=special).ids
+        ids = tokenizer.encode(text, add_special_tokens=special)
+        assert ids == tokenizer.backend.encode(text, add_special_tokens=special).ids
+        assert ids == reference(text, add_special_tokens=special)["input_ids"]
 
 
 def test_cuts_stay_clear_of_added_tokens(model_dir):

@@ -17,7 +17,8 @@ from tokenizers import Tokenizer as BackendTokenizer
 # The Split patterns known to cut at every letter-space-letter (a letter run ends at the space): Qwen2's (also Qwen3's,
 # Qwen3-Next's) and the CJK and digit isolation of this project's DeepSeek-style test tokenizer. Others are unproven.
 KNOWN_SPLITS = frozenset({
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""",
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
+    r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""",
     r"[一-龥ࠀ-一가-퟿]+",
     r"\p{N}{1,3}",
 })  # fmt: skip
@@ -74,7 +75,8 @@ class ParallelEncoder:
             return None
         bounds = [0, *cuts, len(text)]
         pieces = [text[a:b] for a, b in zip(bounds, bounds[1:])]
-        return [i for encoding in self.backend.encode_batch_fast(pieces, add_special_tokens=False) for i in encoding.ids]
+        encodings = self.backend.encode_batch_fast(pieces, add_special_tokens=False)
+        return [i for encoding in encodings for i in encoding.ids]
 
     def _safe_cut(self, text: str, start: int, stop: int) -> int | None:
         """The first space in text[start:stop] with a letter on each side and no added token within reach."""
