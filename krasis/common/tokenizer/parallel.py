@@ -29,32 +29,28 @@ class ParallelEncoder:
     """Cuts long texts at safe spaces and encodes the pieces as one batch (the tokenizers library runs a batch on all
     cores). `for_backend` gives None for a tokenizer whose pipeline is not of the known kind."""
 
-    def __init__(self, backend: BackendTokenizer, nfc: bool, added: list[str], min_piece_chars: int = MIN_PIECE_CHARS,
-                 max_pieces: int | None = None):  # fmt: skip
-        self.backend, self.nfc, self.min_piece_chars = backend, nfc, min_piece_chars
+    def __init__(self, backend: BackendTokenizer, nfc: bool, adds_nothing: bool, added: list[str],
+                 min_piece_chars: int = MIN_PIECE_CHARS, max_pieces: int | None = None):  # fmt: skip
+        # adds_nothing: encoding with special tokens adds none (no post-processor, or a byte-level one: offsets only)
+        self.backend, self.nfc, self.adds_nothing, self.min_piece_chars = backend, nfc, adds_nothing, min_piece_chars
         self.max_pieces = max_pieces or os.cpu_count() or 1
         self.added = [token for token in added if token]
         self.reach = max((len(token) for token in self.added), default=0) + 1  # how near a cut an added token matters
 
     @classmethod
     def for_backend(cls, backend: BackendTokenizer, **kwargs) -> "ParallelEncoder | None":
-        spec = json.loads(backend.to_str())
         if backend.truncation is not None or backend.padding is not None:  # a batch would cut or pad each piece
             return None
-        normalizer = spec.get("normalizer")
+        normalizer = _spec(backend.normalizer)
         if normalizer is not None and normalizer.get("type") != "NFC":
             return None
-        model = spec.get("model") or {}
-        if model.get("type") != "BPE" or model.get("dropout") or not _known_pre_tokenizer(spec.get("pre_tokenizer")):
+        bpe = type(backend.model).__name__ == "BPE"
+        if not bpe or backend.model.dropout or not _known_pre_tokenizer(_spec(backend.pre_tokenizer)):
             return None  # (BPE dropout: a random encoding either way)
+        post = _spec(backend.post_processor)
+        adds_nothing = post is None or post.get("type") == "ByteLevel"
         added = [token.content for token in backend.get_added_tokens_decoder().values()]
-        return cls(backend, normalizer is not None, added, **kwargs)
-
-    @staticmethod
-    def adds_nothing(backend: BackendTokenizer) -> bool:
-        """Whether encoding with special tokens adds none (no post-processor, or a byte-level one: offsets only)."""
-        post = json.loads(backend.to_str()).get("post_processor")
-        return post is None or post.get("type") == "ByteLevel"
+        return cls(backend, normalizer is not None, adds_nothing, added, **kwargs)
 
     def cuts(self, text: str) -> list[int]:
         """Offsets to cut `text` at (none: encode it whole), about evenly spaced."""
@@ -68,9 +64,10 @@ class ParallelEncoder:
                 cuts.append(cut)
         return cuts
 
-    def encode(self, text: str) -> list[int] | None:
-        """The ids of `text` without special tokens added, or None when it is not cut (encode it serially)."""
-        cuts = self.cuts(text)
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int] | None:
+        """The ids of `text`, or None when it is not cut (encode it serially): a long text, and special tokens either
+        not asked for or none that the tokenizer would add."""
+        cuts = [] if add_special_tokens and not self.adds_nothing else self.cuts(text)
         if not cuts:
             return None
         bounds = [0, *cuts, len(text)]
@@ -90,6 +87,11 @@ class ParallelEncoder:
     def _clear(self, text: str, at: int) -> bool:
         window = text[max(0, at - self.reach) : at + self.reach]
         return not any(token in window for token in self.added)
+
+
+def _spec(component) -> dict | None:
+    """A pipeline component's own JSON (not the whole tokenizer's: its vocabulary is megabytes)."""
+    return None if component is None else json.loads(component.__getstate__())
 
 
 def _known_pre_tokenizer(spec: dict | None) -> bool:

@@ -47,7 +47,6 @@ class Tokenizer:
         own_eos = frozenset() if eos_token_id is None else frozenset([eos_token_id])
         self.eos_token_ids: frozenset[int] = frozenset(extra_eos_token_ids) | own_eos
         self._parallel = ParallelEncoder.for_backend(backend)  # None: this tokenizer always encodes serially
-        self._specials_add_nothing = ParallelEncoder.adds_nothing(backend)
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> "Tokenizer":
@@ -82,10 +81,8 @@ class Tokenizer:
         # a long text goes in pieces on all cores where that gives the same ids (ParallelEncoder); otherwise the batch
         # entry point without character offsets gives the same ids, ~23% sooner than encode (31 -> 24 ms for a
         # 32K-token prompt on this project's CI-like box); a 32K prompt's TTFT includes its tokenizing
-        if self._parallel is not None and (self._specials_add_nothing or not add_special_tokens):
-            ids = self._parallel.encode(text)
-            if ids is not None:
-                return ids
+        if self._parallel is not None and (ids := self._parallel.encode(text, add_special_tokens)) is not None:
+            return ids
         return self.backend.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
